@@ -1,0 +1,1 @@
+"""citygate agent: the daemon and its command line."""

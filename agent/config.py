@@ -1,0 +1,368 @@
+"""The gateway's configuration: one TOML file, read and checked once at start-up.
+
+`load_config` parses the file, checks every table and key against the schema
+(docs/sample-gateway.toml documents it), lets each sensor's driver family check
+its own options, and either returns a frozen `Config` or raises one
+`ConfigError` listing every problem found, each naming the file, line and key.
+
+Trust: the file's content is untrusted input; nothing from it is used before it
+has been checked here. Driver families are trusted to check their own options
+and to report problems as `OptionError`. With `check_devices` the identity files
+and `/dev/...` ports are looked at on disk (stat only; nothing is opened).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from agent._tomlpos import KeyLines, KeyPath, Report, Table, describe_type, render_key
+from drivers import registry
+from drivers.base import DriverFamily, OptionError
+
+DEFAULT_STATE_DIR = Path("/var/lib/citygate")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+_SENSOR_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_TOPIC_LEVEL = re.compile(r"[A-Za-z0-9._-]+")
+_HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
+_TOML_AT_END = re.compile(r"\s*\(at end of document\)$")
+_TABLES = ("gateway", "identity", "broker", "spool", "sensors")
+_MIB = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    state_dir: Path
+    log_level: str
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityConfig:
+    key: Path
+    cert: Path
+    ca: Path
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerConfig:
+    host: str
+    port: int
+    prefix: str
+    keepalive_s: int
+    inflight: int
+    connect_timeout_s: float
+    backoff_initial_s: float
+    backoff_max_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class SpoolConfig:
+    path: Path
+    budget_bytes: int
+    commit_interval_s: float
+    batch_max_readings: int
+    batch_interval_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class SensorConfig:
+    sensor_id: str
+    driver: str
+    options: object  # whatever the driver family's parse_options returned
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    source: Path  # the config file, made absolute
+    gateway: GatewayConfig
+    identity: IdentityConfig
+    broker: BrokerConfig
+    spool: SpoolConfig
+    sensors: tuple[SensorConfig, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem in a config file; `line` 0 means the file as a whole."""
+
+    file: str
+    line: int
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.key}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The config file cannot be used; `issues` lists every problem found, in line order."""
+
+    def __init__(self, issues: list[ConfigIssue]) -> None:
+        super().__init__("\n".join(str(issue) for issue in issues))
+        self.issues = issues
+
+
+# the driver registry, looked up through these two seams (tests replace them)
+def _family(name: str) -> DriverFamily:
+    return registry.family(name)
+
+
+def _known_drivers() -> tuple[str, ...]:
+    return registry.family_names()
+
+
+# -- reading the file ----------------------------------------------------------
+
+
+def _issue(path: Path, line: int, key: str, message: str) -> ConfigError:
+    return ConfigError([ConfigIssue(str(path), line, key, message)])
+
+
+def _read_text(path: Path) -> str:
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise _issue(path, 0, "file", "no such file") from None
+    except OSError as exc:
+        raise _issue(path, 0, "file", f"cannot read: {exc.strerror or exc}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise _issue(path, line, "syntax", "not valid UTF-8 text") from None
+
+
+def _parse(path: Path, text: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        message, line = str(exc), 1
+        if match := _TOML_AT.search(message):
+            line = int(match.group(1))
+            message = f"{message[: match.start()]} (column {match.group(2)})"
+        elif match := _TOML_AT_END.search(message):
+            line = text.rstrip().count("\n") + 1
+            message = f"{message[: match.start()]} (at end of file)"
+        raise _issue(path, line, "syntax", message) from None
+    except RecursionError:
+        raise _issue(path, 1, "syntax", "values nested too deeply") from None
+
+
+# -- the schema ---------------------------------------------------------------------
+
+
+def _gateway(table: Table, config_dir: Path) -> GatewayConfig:
+    state_dir = table.path("state_dir", DEFAULT_STATE_DIR, base=config_dir)
+    log_level = table.choice("log_level", "info", LOG_LEVELS)
+    table.finish()
+    return GatewayConfig(state_dir=state_dir, log_level=log_level)
+
+
+def _identity(table: Table, config_dir: Path) -> IdentityConfig:
+    key = table.path("key", None, base=config_dir)
+    cert = table.path("cert", None, base=config_dir)
+    ca = table.path("ca", None, base=config_dir)
+    table.finish()
+    return IdentityConfig(key=key, cert=cert, ca=ca)
+
+
+def _host_problem(host: str) -> str | None:
+    if "://" in host:
+        return f"expected a host name, not a URL: {host!r}"
+    labels = host.removesuffix(".").split(".")
+    if len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels):
+        return None
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return f"not a valid host name or IP address: {host!r}"
+    return None
+
+
+def _prefix_problem(prefix: str) -> str | None:
+    if _TOPIC_LEVEL.fullmatch(prefix):
+        return None
+    return f"must be one topic level of A-Z a-z 0-9 . _ - characters, got {prefix!r}"
+
+
+def _broker(table: Table) -> BrokerConfig:
+    host = table.text("host", None, check=_host_problem)
+    port = table.integer("port", 8883, 1, 65535)
+    prefix = table.text("prefix", "citygate", check=_prefix_problem)
+    keepalive_s = table.integer("keepalive_s", 30, 5, 3600)
+    inflight = table.integer("inflight", 16, 1, 1000)
+    connect_timeout_s = table.number("connect_timeout_s", 10.0, at_most=300.0)
+    initial = table.number("backoff_initial_s", 0.5, at_most=3600.0)
+    maximum = table.number("backoff_max_s", 60.0, at_most=86400.0)
+    if table.ok("backoff_initial_s", "backoff_max_s") and maximum < initial:
+        table.problem(
+            "backoff_max_s", f"must be at least backoff_initial_s ({initial:g}), got {maximum:g}"
+        )
+    table.finish()
+    return BrokerConfig(
+        host=host,
+        port=port,
+        prefix=prefix,
+        keepalive_s=keepalive_s,
+        inflight=inflight,
+        connect_timeout_s=connect_timeout_s,
+        backoff_initial_s=initial,
+        backoff_max_s=maximum,
+    )
+
+
+def _spool(table: Table, state_dir: Path) -> SpoolConfig:
+    path = table.path("path", state_dir / "spool.sqlite", base=state_dir)
+    budget_bytes = table.integer("budget_bytes", 64 * _MIB, _MIB, None)
+    commit_interval_s = table.number("commit_interval_s", 0.5, at_most=10.0)
+    batch_max_readings = table.integer("batch_max_readings", 200, 1, 10000)
+    batch_interval_s = table.number("batch_interval_s", 2.0, at_most=3600.0)
+    table.finish()
+    return SpoolConfig(
+        path=path,
+        budget_bytes=budget_bytes,
+        commit_interval_s=commit_interval_s,
+        batch_max_readings=batch_max_readings,
+        batch_interval_s=batch_interval_s,
+    )
+
+
+def _driver(report: Report, where: KeyPath, raw: Mapping[str, Any]) -> DriverFamily | None:
+    """The family named by the sensor table's `driver` key, or None (after reporting)."""
+    driver = raw.get("driver")
+    if driver is None:
+        report.add((*where, "driver"), "missing required key")
+    elif not isinstance(driver, str):
+        report.add((*where, "driver"), f"expected a string, got {describe_type(driver)}")
+    elif driver not in _known_drivers():
+        known = ", ".join(_known_drivers())
+        report.add((*where, "driver"), f"unknown driver {driver!r}; known: {known}")
+    else:
+        try:
+            return _family(driver)
+        except ImportError as exc:  # e.g. a library the family needs is not installed
+            report.add((*where, "driver"), f"driver {driver!r} cannot be loaded: {exc}")
+    return None
+
+
+def _sensor(report: Report, sensor_id: str, raw: object) -> SensorConfig | None:
+    where = ("sensors", sensor_id)
+    if not _SENSOR_ID.fullmatch(sensor_id):
+        report.add(where, "sensor id must be 1 to 32 characters of A-Z a-z 0-9 _ -")
+    if not isinstance(raw, dict):
+        report.add(where, f"expected a table, got {describe_type(raw)}")
+        return None
+    family = _driver(report, where, raw)
+    if family is None:
+        return None
+    driver = str(raw["driver"])
+    try:
+        options = family.parse_options(sensor_id, raw)
+    except OptionError as exc:
+        report.add((*where, exc.key), exc.message)
+        return None
+    except (ValueError, TypeError) as exc:
+        report.add(where, f"driver {driver!r} rejected the options: {exc}")
+        return None
+    return SensorConfig(sensor_id=sensor_id, driver=driver, options=options)
+
+
+def _sensors(report: Report, raw: object) -> tuple[SensorConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        report.add(("sensors",), f"expected a table, got {describe_type(raw)}")
+        return ()
+    found = (_sensor(report, sensor_id, table) for sensor_id, table in raw.items())
+    return tuple(sensor for sensor in found if sensor is not None)
+
+
+# -- optional checks on the machine --------------------------------------------------
+
+
+def _file_problem(path: Path) -> str | None:
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return f"no such file {path}"
+    except OSError as exc:
+        return f"cannot inspect {path}: {exc.strerror or exc}"
+    if not stat.S_ISREG(info.st_mode):
+        return f"not a regular file: {path}"
+    if not os.access(path, os.R_OK):
+        return f"cannot read {path}: permission denied"
+    return None
+
+
+def _check_devices(report: Report, identity: IdentityConfig, raw_sensors: object) -> None:
+    for name, path in (("key", identity.key), ("cert", identity.cert), ("ca", identity.ca)):
+        if not report.has(("identity", name)) and (problem := _file_problem(path)):
+            report.add(("identity", name), problem)
+    if not isinstance(raw_sensors, dict):
+        return
+    for sensor_id, table in raw_sensors.items():
+        port = table.get("port") if isinstance(table, dict) else None
+        where = ("sensors", sensor_id, "port")
+        missing = isinstance(port, str) and port.startswith("/dev/") and not os.path.exists(port)
+        if missing and not report.has(where):
+            report.add(where, f"no such device {port}")
+
+
+# -- the entry point -------------------------------------------------------------------
+
+
+def _table(report: Report, data: Mapping[str, Any], name: str) -> Table:
+    raw = data.get(name, {})
+    if not isinstance(raw, dict):
+        report.add((name,), f"expected a table, got {describe_type(raw)}")
+        raw = {}
+    return Table(report, (name,), raw)
+
+
+def load_config(path: Path, *, check_devices: bool = False) -> Config:
+    """Read and check the config file at `path`; raise ConfigError listing every problem.
+
+    Relative paths in the file are taken from the file's directory, except
+    `spool.path`, which is taken from `gateway.state_dir`. With `check_devices`
+    the identity files must be readable and every `/dev/...` sensor port must exist.
+    """
+    text = _read_text(path)
+    data = _parse(path, text)
+    report = Report()
+    for name, value in data.items():
+        if name not in _TABLES:
+            kind = "table" if isinstance(value, dict) else "key"
+            report.add((name,), f"unknown {kind}; expected one of: {', '.join(_TABLES)}")
+    config_dir = path.absolute().parent
+    gateway = _gateway(_table(report, data, "gateway"), config_dir)
+    identity = _identity(_table(report, data, "identity"), config_dir)
+    broker = _broker(_table(report, data, "broker"))
+    spool = _spool(_table(report, data, "spool"), gateway.state_dir)
+    sensors = _sensors(report, data.get("sensors"))
+    if check_devices:
+        _check_devices(report, identity, data.get("sensors"))
+    if report.problems:
+        lines = KeyLines(text)
+        issues = [
+            ConfigIssue(str(path), lines.line_of(where), render_key(where), message)
+            for where, message in report.problems
+        ]
+        issues.sort(key=lambda issue: issue.line)
+        raise ConfigError(issues)
+    return Config(
+        source=path.absolute(),
+        gateway=gateway,
+        identity=identity,
+        broker=broker,
+        spool=spool,
+        sensors=sensors,
+    )

@@ -1,0 +1,313 @@
+"""One MQTT 5 session over mutually authenticated TLS, as an asyncio object.
+
+This is the seam between paho-mqtt (callbacks on its network thread) and the
+agent (coroutines). `Session.open` connects and waits for a successful
+CONNACK; `publish` returns when the broker acknowledged the message (PUBACK
+reason below 0x80) and raises `PublishRefused` otherwise; `messages` yields
+what subscriptions deliver. A session is never reconnected: when the link
+drops, `lost` completes and every pending publish fails with `SessionLost`;
+the owner (`agent.uplink`) opens a new one after a backoff delay. That keeps
+paho's own retry logic, and its re-sending of stale packets, out of the way.
+
+paho exceptions and reason codes are translated here, once.
+Trusts: the broker's identity as verified by the TLS context it is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import threading
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+log = logging.getLogger(__name__)
+
+
+class UplinkError(Exception):
+    """Base of the errors of the MQTT side."""
+
+
+class ConnectFailed(UplinkError):
+    """No session: TCP/TLS failed, the broker refused us, or no CONNACK in time."""
+
+
+class SessionLost(UplinkError):
+    """The connection dropped; messages not yet acknowledged must be sent again."""
+
+
+class PublishRefused(UplinkError):
+    """The broker answered with a failure reason (>= 0x80), e.g. 135 Not authorized."""
+
+    def __init__(self, topic: str, reason: int, name: str) -> None:
+        super().__init__(f"broker refused publish to {topic}: reason {reason} ({name})")
+        self.topic = topic
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    retain: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSettings:
+    host: str
+    port: int
+    client_id: str
+    tls: ssl.SSLContext
+    keepalive_s: int = 30
+    connect_timeout_s: float = 10.0
+    inflight: int = 16
+    will: Will | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    payload: bytes
+    retain: bool
+
+
+class Session:
+    """A connected MQTT 5 client. Use `async with await Session.open(settings)`."""
+
+    def __init__(self, settings: SessionSettings, loop: asyncio.AbstractEventLoop) -> None:
+        self._settings = settings
+        self._loop = loop
+        self._lock = threading.Lock()  # guards _pending/_early between threads
+        self._pending: dict[int, asyncio.Future[int]] = {}
+        self._early: dict[int, int] = {}  # PUBACKs that beat publish() returning its mid
+        self._subacks: dict[int, asyncio.Future[list[int]]] = {}
+        self._early_subacks: dict[int, list[int]] = {}
+        self._window = asyncio.Semaphore(settings.inflight)
+        self._connack: asyncio.Future[int] = loop.create_future()
+        self.lost: asyncio.Future[str] = loop.create_future()
+        self._messages: asyncio.Queue[Message] = asyncio.Queue(maxsize=10_000)
+        client = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=settings.client_id,
+            protocol=MQTTProtocolVersion.MQTTv5,
+            reconnect_on_failure=False,
+        )
+        client.tls_set_context(settings.tls)
+        client.connect_timeout = settings.connect_timeout_s
+        # paho must never queue on its own: our window is the only queue
+        client.max_inflight_messages_set(settings.inflight + 1)
+        client.max_queued_messages_set(0)
+        if settings.will is not None:
+            will = settings.will
+            client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_message
+        self._client = client
+
+    @classmethod
+    async def open(cls, settings: SessionSettings) -> Session:
+        session = cls(settings, asyncio.get_running_loop())
+        await session._connect()
+        return session
+
+    async def __aenter__(self) -> Session:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- public -------------------------------------------------------------
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        """Send and wait for the broker's acknowledgement (QoS 1) or the socket write (QoS 0)."""
+        async with self._window:
+            self._raise_if_lost()
+            # never hold self._lock while calling into paho: paho calls on_publish with
+            # its own mutex held, so holding ours here could deadlock
+            info = self._client.publish(topic, payload, qos=qos, retain=retain)
+            if info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise SessionLost(f"publish failed: {paho.error_string(info.rc)}")
+            future: asyncio.Future[int] = self._loop.create_future()
+            with self._lock:
+                early = self._early.pop(info.mid, None)
+                if early is None:
+                    self._pending[info.mid] = future
+                else:
+                    future.set_result(early)
+            reason = await self._until_lost(future)
+        if reason >= 0x80:
+            raise PublishRefused(topic, reason, _reason_name(reason))
+
+    async def subscribe(self, topic_filter: str, qos: int = 1) -> None:
+        self._raise_if_lost()
+        rc, mid = self._client.subscribe(topic_filter, qos=qos)
+        if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
+            raise SessionLost(f"subscribe failed: {paho.error_string(rc)}")
+        future: asyncio.Future[list[int]] = self._loop.create_future()
+        with self._lock:
+            early = self._early_subacks.pop(mid, None)
+            if early is None:
+                self._subacks[mid] = future
+            else:
+                future.set_result(early)
+        granted = await self._until_lost(future)
+        if any(code >= 0x80 for code in granted):
+            raise PublishRefused(topic_filter, granted[0], "subscription refused")
+
+    async def messages(self) -> AsyncIterator[Message]:
+        """Messages from subscriptions, until the session is lost."""
+        while True:
+            getter = asyncio.ensure_future(self._messages.get())
+            waiters: set[asyncio.Future[Any]] = {getter, self.lost}
+            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            if getter in done:
+                yield getter.result()
+                continue
+            getter.cancel()
+            return
+
+    async def close(self) -> None:
+        """Disconnect cleanly (no Will) and stop paho's thread."""
+        if not self.lost.done():
+            self._client.disconnect()
+        await asyncio.to_thread(self._client.loop_stop)
+        if not self.lost.done():
+            self.lost.set_result("closed")
+
+    # -- connection ---------------------------------------------------------
+
+    async def _connect(self) -> None:
+        s = self._settings
+        try:
+            await asyncio.to_thread(self._client.connect, s.host, s.port, s.keepalive_s)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            raise ConnectFailed(f"cannot reach {s.host}:{s.port}: {exc}") from exc
+        self._client.loop_start()
+        try:
+            waiters: set[asyncio.Future[Any]] = {self._connack, self.lost}
+            async with asyncio.timeout(s.connect_timeout_s):
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        except TimeoutError:
+            await self._abandon()
+            raise ConnectFailed(
+                f"no CONNACK from {s.host}:{s.port} within {s.connect_timeout_s:g} s"
+            ) from None
+        if self._connack not in done:
+            await self._abandon()
+            raise ConnectFailed(
+                f"no CONNACK from {s.host}:{s.port}: connection dropped ({self.lost.result()})"
+                " - is our certificate accepted by the broker?"
+            )
+        reason = self._connack.result()
+        if reason != 0:
+            await self._abandon()
+            raise ConnectFailed(
+                f"broker {s.host}:{s.port} refused the connection: reason {reason}"
+                f" ({_reason_name(reason)})"
+            )
+
+    async def _abandon(self) -> None:
+        self._client.disconnect()
+        await asyncio.to_thread(self._client.loop_stop)
+        if not self.lost.done():
+            self.lost.set_result("abandoned")
+
+    async def _until_lost(self, future: asyncio.Future[Any]) -> Any:
+        waiters: set[asyncio.Future[Any]] = {future, self.lost}
+        done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        if future in done:
+            return future.result()
+        future.cancel()
+        raise SessionLost(f"connection lost: {self.lost.result()}")
+
+    def _raise_if_lost(self) -> None:
+        if self.lost.done():
+            raise SessionLost(f"connection lost: {self.lost.result()}")
+
+    # -- paho callbacks (network thread) ------------------------------------
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.ConnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        self._loop.call_soon_threadsafe(_settle, self._connack, reason.value)
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.DisconnectFlags,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        why = f"reason {reason.value} ({reason.getName()})"
+        self._loop.call_soon_threadsafe(_settle, self.lost, why)
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reason: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        with self._lock:
+            future = self._pending.pop(mid, None)
+            if future is None:
+                self._early[mid] = reason.value
+                return
+        self._loop.call_soon_threadsafe(_settle, future, reason.value)
+
+    def _on_subscribe(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reasons: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        codes = [r.value for r in reasons]
+        with self._lock:
+            future = self._subacks.pop(mid, None)
+            if future is None:
+                self._early_subacks[mid] = codes
+                return
+        self._loop.call_soon_threadsafe(_settle, future, codes)
+
+    def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
+        message = Message(msg.topic, bytes(msg.payload), bool(msg.retain))
+        self._loop.call_soon_threadsafe(self._deliver, message)
+
+    def _deliver(self, message: Message) -> None:
+        try:
+            self._messages.put_nowait(message)
+        except asyncio.QueueFull:
+            log.warning("dropping message on %s: subscriber queue full", message.topic)
+
+
+def _settle(future: asyncio.Future[Any], value: object) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _reason_name(value: int) -> str:
+    with contextlib.suppress(Exception):
+        return str(ReasonCode(paho.PUBACK >> 4, identifier=value).getName())
+    return "unknown"

@@ -1,0 +1,206 @@
+"""The agent service: drivers -> spool -> packer -> uplink, as one asyncio task group.
+
+`run_service(config)` loads the identity (refusing bad credentials before
+anything else starts), opens the spool, and runs under one TaskGroup:
+
+- one task per sensor driver, emitting readings into the spool's memory buffer;
+- the committer, which makes buffered readings durable every
+  `commit_interval_s` and packs full batches (or a partial one every
+  `batch_interval_s`) into signed outbox messages;
+- the uplink, which keeps an MQTT session up;
+- the outbox sender.
+
+A stop request (SIGTERM/SIGINT, or the `stop` event in tests) ends the
+drivers, commits and packs what they produced, gives the sender a bounded
+time to drain the outbox while connected, publishes the retained offline
+status and exits. Whatever is not acknowledged stays in the spool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import Sequence
+from importlib import metadata
+
+from agent.backoff import Backoff
+from agent.config import Config
+from agent.envelope import encode_senml, seal, signer_for
+from agent.identity import Identity, load_identity
+from agent.mqtt import SessionSettings
+from agent.spool import Spool, SpoolError
+from agent.tls import client_context
+from agent.uplink import OutboxSender, Uplink, status_payload
+from drivers import Driver, Reading, family
+
+log = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 5.0
+
+
+def version() -> str:
+    try:
+        return metadata.version("citygate")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+def topics(prefix: str, gateway_id: str) -> dict[str, str]:
+    base = f"{prefix}/{gateway_id}"
+    return {name: f"{base}/{name}" for name in ("telemetry", "status", "health", "events")}
+
+
+class Packer:
+    """Builds signed telemetry messages for the spool's `pack` (sign once, store, re-send)."""
+
+    def __init__(self, identity: Identity, topic: str) -> None:
+        self._signer = signer_for(identity.key)
+        self._gateway_id = identity.gateway_id
+        self._topic = topic
+
+    def __call__(self, readings: Sequence[Reading], seq: int) -> tuple[str, bytes]:
+        senml = encode_senml(self._gateway_id, readings)
+        message = seal(
+            senml,
+            signer=self._signer,
+            gateway_id=self._gateway_id,
+            seq=seq,
+            iat=int(time.time()),
+            topic=self._topic,
+        )
+        return self._topic, message
+
+
+class Service:
+    def __init__(self, config: Config, identity: Identity) -> None:
+        self.config = config
+        self.identity = identity
+        self.boot_time = time.time()
+        self.topics = topics(config.broker.prefix, identity.gateway_id)
+        spool_cfg = config.spool
+        self.spool = Spool(
+            spool_cfg.path,
+            config.gateway.state_dir / f"seq-{identity.kid.hex()}",
+            budget_bytes=spool_cfg.budget_bytes,
+        )
+        self.packer = Packer(identity, self.topics["telemetry"])
+        broker = config.broker
+        settings = SessionSettings(
+            host=broker.host,
+            port=broker.port,
+            client_id=identity.gateway_id,
+            tls=client_context(identity),
+            keepalive_s=broker.keepalive_s,
+            connect_timeout_s=broker.connect_timeout_s,
+            inflight=broker.inflight,
+        )
+
+        def status(state: str) -> bytes:
+            return status_payload(
+                state, gateway_id=identity.gateway_id, version=version(), boot_time=self.boot_time
+            )
+
+        self.uplink = Uplink(
+            settings,
+            Backoff(broker.backoff_initial_s, broker.backoff_max_s),
+            status_topic=self.topics["status"],
+            online=status("online"),
+            offline=status("offline"),
+        )
+        self.sender = OutboxSender(self.spool, self.uplink, window=broker.inflight)
+        self.drivers: list[Driver] = [
+            family(sensor.driver).create(sensor.sensor_id, sensor.options)
+            for sensor in config.sensors
+        ]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        log.info(
+            "citygate %s starting as gateway %s with %d sensor(s); spool %s",
+            version(),
+            self.identity.gateway_id,
+            len(self.drivers),
+            self.config.spool.path,
+        )
+        try:
+            async with asyncio.TaskGroup() as group:
+                driver_tasks = [
+                    group.create_task(d.run(self.spool.add), name=f"driver-{d.sensor_id}")
+                    for d in self.drivers
+                ]
+                committer = group.create_task(self._commit_loop(), name="committer")
+                uplink = group.create_task(self.uplink.run(), name="uplink")
+                sender = group.create_task(self.sender.run(), name="sender")
+                await stop.wait()
+                log.info("stopping: flushing the spool")
+                for task in [*driver_tasks, committer]:
+                    task.cancel()
+                await asyncio.gather(*driver_tasks, committer, return_exceptions=True)
+                self._flush()
+                if self.uplink.connected:
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(DRAIN_TIMEOUT_S):
+                            await self.sender.drained()
+                sender.cancel()
+                await self.uplink.say_goodbye()
+                uplink.cancel()
+        finally:
+            stats = self.spool.stats()
+            log.info(
+                "stopped: %d reading(s) and %d message(s) remain spooled",
+                stats.readings + stats.buffered,
+                stats.messages,
+            )
+            self.spool.close()
+
+    async def _commit_loop(self) -> None:
+        spool_cfg = self.config.spool
+        last_pack = time.monotonic()
+        while True:
+            await asyncio.sleep(spool_cfg.commit_interval_s)
+            try:
+                self.spool.commit()
+                due = time.monotonic() - last_pack >= spool_cfg.batch_interval_s
+                if self._pack(full_only=not due):
+                    self.sender.wake()
+                if due:
+                    last_pack = time.monotonic()
+            except SpoolError as exc:
+                log.error("spool: %s (readings are kept in memory and retried)", exc)
+
+    def _pack(self, *, full_only: bool) -> int:
+        """Pack full batches; with full_only False also the final partial one."""
+        batch = self.config.spool.batch_max_readings
+        packed = 0
+        while True:
+            pending = self.spool.stats().readings
+            if pending == 0 or (full_only and pending < batch):
+                return packed
+            if self.spool.pack(batch, self.packer) is None:
+                return packed
+            packed += 1
+
+    def _flush(self) -> None:
+        try:
+            self.spool.commit()
+            if self._pack(full_only=False):
+                self.sender.wake()
+        except SpoolError as exc:
+            log.error("spool at shutdown: %s", exc)
+
+
+def run_service(config: Config) -> None:
+    """Run until SIGTERM/SIGINT. Raises IdentityError before starting anything if unfit."""
+    identity = load_identity(config.identity.key, config.identity.cert, config.identity.ca)
+    service = Service(config, identity)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await service.run(stop)
+
+    asyncio.run(main())

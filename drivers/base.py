@@ -1,0 +1,76 @@
+"""Types shared by every driver family and the agent that runs them.
+
+A driver turns bytes from a device into `Reading`s and hands them to an
+`Emit` callback; it never imports the agent. Nothing here does I/O. Codecs do
+not use this module (they must also run on MicroPython): they return plain
+``(quantity, unit, value)`` tuples and the driver stamps them into readings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+#: time quality of a reading's timestamp
+TIME_SYNCED = 0  # wall clock believed correct (NTP or RTC)
+TIME_UNSYNCED = 1  # wall clock not known to be correct
+
+
+@dataclass(frozen=True, slots=True)
+class Reading:
+    """One value of one quantity from one sensor at one time (DESIGN.md §2, §5)."""
+
+    sensor: str
+    quantity: str
+    value: float
+    unit: str
+    time: float  # unix seconds
+    time_quality: int = TIME_SYNCED
+
+
+Emit = Callable[[Sequence[Reading]], None]
+
+
+class OptionError(ValueError):
+    """A driver option in the config is wrong; `key` is the option name within the sensor table."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class DriverState:
+    """What a driver says about itself, for logs, health and the doctor."""
+
+    available: bool = False
+    reason: str = "not started"
+    counters: Mapping[str, int] = field(default_factory=dict)
+
+
+class Driver(Protocol):
+    """A running device binding. `run` returns only when cancelled."""
+
+    sensor_id: str
+
+    async def run(self, emit: Emit) -> None: ...
+
+    def state(self) -> DriverState: ...
+
+
+class DriverFamily(Protocol):
+    """What the registry knows about a device family (one folder under drivers/)."""
+
+    name: str
+
+    def parse_options(self, sensor_id: str, table: Mapping[str, Any]) -> object:
+        """Validate the sensor's config table; raise OptionError naming the key."""
+        ...
+
+    def create(self, sensor_id: str, options: object) -> Driver: ...
+
+    def decode(self, data: bytes) -> list[tuple[str, str, float]]:
+        """Decode one complete frame; raise ValueError with a reason if it is bad."""
+        ...

@@ -1,0 +1,22 @@
+"""The registry of device families: config key == folder name == registry key."""
+
+from __future__ import annotations
+
+import importlib
+
+from drivers.base import DriverFamily
+
+_FAMILIES = ("pms5003",)
+
+
+def family_names() -> tuple[str, ...]:
+    return _FAMILIES
+
+
+def family(name: str) -> DriverFamily:
+    """Return the family registered as `name`; KeyError if there is none."""
+    if name not in _FAMILIES:
+        raise KeyError(name)
+    module = importlib.import_module(f"drivers.{name}")
+    fam: DriverFamily = module.FAMILY
+    return fam

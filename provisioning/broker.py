@@ -1,0 +1,147 @@
+"""A lab mosquitto broker with mutual TLS and the citygate ACL, on loopback.
+
+For the demo, the tests, the benchmarks and HIL rigs — not a production broker
+setup, though its config shows what production needs (DESIGN.md §4, §7):
+client certificates required, the certificate's CN is the username and the
+client id, no anonymous access, and an ACL under which a gateway may write
+only below `<prefix>/<its id>/` and read only its own command topics. The
+verifier identities named at construction may read everything under the prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+MOSQUITTO_HINT = "mosquitto is not installed: run `sudo apt-get install mosquitto`"
+
+
+class BrokerError(Exception):
+    """The lab broker could not be started."""
+
+
+def find_mosquitto() -> str:
+    """Path of the mosquitto binary (it lives in /usr/sbin on Debian); BrokerError if absent."""
+    found = shutil.which("mosquitto") or shutil.which("mosquitto", path="/usr/sbin:/usr/local/sbin")
+    if found is None:
+        raise BrokerError(MOSQUITTO_HINT)
+    return found
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def acl_text(prefix: str, readers: Sequence[str]) -> str:
+    lines = [f"user {name}\ntopic read {prefix}/#\n" for name in readers]
+    lines.append(
+        "# every other client: its own subtree only (%u = certificate CN)\n"
+        f"pattern write {prefix}/%u/#\n"
+        f"pattern read {prefix}/%u/cmd/#\n"
+        f"pattern read {prefix}/%u/ota/offer\n"
+    )
+    return "\n".join(lines)
+
+
+class LabBroker:
+    """mosquitto on 127.0.0.1:`port` with the given CA, server cert and ACL."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        ca_cert: Path,
+        server_cert: Path,
+        server_key: Path,
+        prefix: str = "citygate",
+        readers: Sequence[str] = ("verifier",),
+        port: int | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.host = "127.0.0.1"
+        self._ca = ca_cert
+        self._cert = server_cert
+        self._key = server_key
+        self._prefix = prefix
+        self._readers = tuple(readers)
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.log_path = workdir / "mosquitto.log"
+
+    def write_config(self) -> Path:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        acl = self.workdir / "mosquitto.acl"
+        acl.write_text(acl_text(self._prefix, self._readers))
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text(
+            f"per_listener_settings false\n"
+            f"allow_anonymous false\n"
+            f"persistence false\n"
+            f"user {getpass.getuser()}\n"
+            f"log_dest file {self.log_path}\n"
+            f"log_type error\nlog_type warning\nlog_type notice\n"
+            f"acl_file {acl}\n"
+            f"listener {self.port} {self.host}\n"
+            f"cafile {self._ca}\n"
+            f"certfile {self._cert}\n"
+            f"keyfile {self._key}\n"
+            f"require_certificate true\n"
+            f"use_identity_as_username true\n"
+            f"use_username_as_clientid true\n"
+        )
+        return conf
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        conf = self.write_config()
+        binary = find_mosquitto()
+        self._proc = subprocess.Popen(
+            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                log = self.log_path.read_text() if self.log_path.exists() else ""
+                self._proc = None
+                raise BrokerError(f"mosquitto exited at start: {err.strip()} {log.strip()}")
+            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.2):
+                return
+            time.sleep(0.05)
+        self.stop()
+        raise BrokerError(f"mosquitto did not listen on {self.host}:{self.port} in {timeout_s} s")
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr is not None:
+            proc.stderr.close()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def __enter__(self) -> LabBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

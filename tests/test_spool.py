@@ -1,0 +1,132 @@
+"""The spool keeps readings until their message is acknowledged, and seq never repeats."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pytest
+
+from agent.seq import SeqCounter, SeqError
+from agent.spool import Spool
+from drivers.base import Reading
+
+
+def _readings(n: int, start: int = 0, sensor: str = "air_1") -> list[Reading]:
+    return [Reading(sensor, "pm2_5", float(start + i), "ug/m3", 1_700_000_000.0 + i) for i in range(n)]
+
+
+def _build(readings: Sequence[Reading], seq: int) -> tuple[str, bytes]:
+    body = ",".join(str(r.value) for r in readings)
+    return "citygate/gw/telemetry", f"{seq}:{body}".encode()
+
+
+def _spool(tmp_path: Path, budget: int = 64 << 20) -> Spool:
+    return Spool(tmp_path / "spool.sqlite", tmp_path / "seq", budget_bytes=budget)
+
+
+def test_readings_survive_reopen_only_after_commit(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    spool.add(_readings(5))
+    assert spool.commit() == 5
+    spool.add(_readings(3, start=5))  # buffered, never committed: the documented loss window
+    spool.close()
+    spool = _spool(tmp_path)
+    assert spool.stats().readings == 5
+    spool.close()
+
+
+def test_pack_moves_readings_into_one_outbox_row_in_order(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    spool.add(_readings(7))
+    spool.commit()
+    row = spool.pack(5, _build)
+    assert row is not None
+    assert row.readings == 5
+    assert row.payload == b"0:0.0,1.0,2.0,3.0,4.0"
+    stats = spool.stats()
+    assert (stats.readings, stats.messages) == (2, 1)
+    spool.close()
+
+
+def test_outbox_row_is_resent_byte_identical_until_acked(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    spool.add(_readings(3))
+    spool.commit()
+    packed = spool.pack(10, _build)
+    assert packed is not None
+    spool.close()
+    spool = _spool(tmp_path)
+    (again,) = spool.outbox()
+    assert again == packed
+    assert spool.ack(again.seq)
+    assert spool.outbox() == []
+    assert not spool.ack(again.seq)
+    spool.close()
+
+
+def test_seq_strictly_increases_across_restarts(tmp_path: Path) -> None:
+    seen: list[int] = []
+    for _ in range(3):
+        spool = _spool(tmp_path)
+        for _ in range(4):
+            spool.add(_readings(1))
+            spool.commit()
+            row = spool.pack(10, _build)
+            assert row is not None
+            seen.append(row.seq)
+        spool.close()
+    assert seen == sorted(set(seen))
+
+
+def test_seq_never_repeats_when_the_spool_file_is_deleted(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    spool.add(_readings(2))
+    spool.commit()
+    first = spool.pack(1, _build)
+    second = spool.pack(1, _build)
+    assert first is not None
+    assert second is not None
+    spool.close()
+    for name in ("spool.sqlite", "spool.sqlite-wal", "spool.sqlite-shm"):
+        (tmp_path / name).unlink(missing_ok=True)
+    spool = _spool(tmp_path)
+    spool.add(_readings(1))
+    spool.commit()
+    third = spool.pack(1, _build)
+    assert third is not None
+    assert third.seq > second.seq
+    spool.close()
+
+
+def test_seq_counter_reserves_ahead_so_a_crash_cannot_reissue(tmp_path: Path) -> None:
+    counter = SeqCounter(tmp_path / "seq", block=10)
+    issued = [counter.take() for _ in range(15)]
+    # a "crash": a new counter reads only the file, never the in-memory position
+    restarted = SeqCounter(tmp_path / "seq", block=10)
+    assert restarted.take() > issued[-1]
+
+
+def test_corrupt_seq_file_is_refused_not_guessed(tmp_path: Path) -> None:
+    (tmp_path / "seq").write_text("12x\n")
+    with pytest.raises(SeqError, match="corrupt"):
+        SeqCounter(tmp_path / "seq")
+
+
+def test_budget_drops_oldest_and_counts_every_dropped_reading(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, budget=60_000)
+    total = 0
+    for batch in range(60):
+        spool.add(_readings(200, start=batch * 200))
+        spool.commit()
+        total += 200
+        spool.pack(200, _build)
+    stats = spool.stats()
+    kept = sum(row.readings for row in spool.outbox(limit=10_000)) + stats.readings
+    assert stats.dropped_readings > 0
+    assert kept + stats.dropped_readings == total
+    assert stats.bytes_used <= 60_000
+    # the survivors are the newest ones
+    newest = spool.outbox(limit=10_000)[-1]
+    assert newest.payload.endswith(b",11999.0")
+    spool.close()
