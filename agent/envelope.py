@@ -184,7 +184,11 @@ class TrustedKey:
 
 @dataclass(frozen=True)
 class Record:
-    """One verified SenML record with its base values resolved; `t` is absolute."""
+    """One verified SenML record with its base values resolved.
+
+    `t` is base time plus record time as sent; RFC 8428's "relative to now"
+    reading of small times is not applied (our gateways send absolute times).
+    """
 
     sensor: str
     n: str
@@ -325,20 +329,18 @@ def seq_of(message: bytes) -> int:
     return _header(protected).seq
 
 
-def _check_signature(key: PublicKey, alg: int, signature: bytes, signed: bytes) -> None:
+def _check_signature(key: PublicKey, signature: bytes, signed: bytes) -> None:
+    """Check a raw COSE signature; the caller has already matched alg to the key type."""
     if len(signature) != 64:
         raise VerificationError(f"signature: must be 64 bytes, got {len(signature)}")
     try:
-        if isinstance(key, Ed25519PublicKey) and alg == ALG_EDDSA:
+        if isinstance(key, Ed25519PublicKey):
             key.verify(signature, signed)
-            return
-        if isinstance(key, ec.EllipticCurvePublicKey) and alg == ALG_ES256:
+        else:
             r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
             key.verify(encode_dss_signature(r, s), signed, ec.ECDSA(hashes.SHA256()))
-            return
     except (InvalidSignature, ValueError) as exc:
         raise VerificationError("signature: does not verify for this key and topic") from exc
-    raise VerificationError(f"protected header: alg {alg} does not match {type(key).__name__}")
 
 
 def _key_alg(key: PublicKey) -> int | None:
@@ -437,9 +439,7 @@ def open_sealed(
             f"but kid belongs to {entry.gateway_id!r}"
         )
     _check_topic(topic, prefix, entry.gateway_id)
-    _check_signature(
-        entry.public_key, header.alg, signature, _sig_structure(protected, topic, payload)
-    )
+    _check_signature(entry.public_key, signature, _sig_structure(protected, topic, payload))
     return VerifiedMessage(
         header.gateway_id,
         header.seq,

@@ -8,6 +8,7 @@ and review the diff; otherwise the test only compares.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -18,9 +19,10 @@ from typing import Any
 
 import cbor2
 import pytest
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -123,12 +125,10 @@ def _write_golden() -> None:
     key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(GOLDEN_KEY_HEX))
     signer = signer_for(key)
     senml = encode_senml(GW, GOLDEN_READINGS)
-    message = seal(
-        senml, signer=signer, gateway_id=GW, seq=GOLDEN_SEQ, iat=GOLDEN_IAT, topic=TOPIC
-    )
+    message = seal(senml, signer=signer, gateway_id=GW, seq=GOLDEN_SEQ, iat=GOLDEN_IAT, topic=TOPIC)
     verified = open_sealed(message, TOPIC, {signer.kid: _trust(GW, key)})
     vector = {
-        "description": "citygate telemetry envelope (DESIGN.md §3): Ed25519, SenML CBOR, COSE_Sign1",
+        "description": "citygate telemetry envelope (DESIGN.md §3): Ed25519, SenML, COSE_Sign1",
         "private_key_ed25519_hex": GOLDEN_KEY_HEX,
         "kid_hex": signer.kid.hex(),
         "gateway_id": GW,
@@ -136,8 +136,13 @@ def _write_golden() -> None:
         "iat": GOLDEN_IAT,
         "topic": TOPIC,
         "readings": [
-            {"sensor": r.sensor, "quantity": r.quantity, "value": r.value, "unit": r.unit,
-             "time": r.time}
+            {
+                "sensor": r.sensor,
+                "quantity": r.quantity,
+                "value": r.value,
+                "unit": r.unit,
+                "time": r.time,
+            }
             for r in GOLDEN_READINGS
         ],
         "records": [
@@ -174,7 +179,12 @@ def test_sealed_message_opens_to_the_readings_grouped_by_sensor(
     signer = signer_for(key)
     message = _seal(signer, encode_senml(GW, GOLDEN_READINGS))
     opened = open_sealed(message, TOPIC, {signer.kid: _trust(GW, key)})
-    assert (opened.gateway_id, opened.seq, opened.iat, opened.kid) == (GW, 9, 1700000000, signer.kid)
+    assert (opened.gateway_id, opened.seq, opened.iat, opened.kid) == (
+        GW,
+        9,
+        1700000000,
+        signer.kid,
+    )
     by_sensor = sorted(GOLDEN_READINGS, key=lambda r: r.sensor != "bin-07")  # stable sort
     assert opened.records == tuple(
         Record(r.sensor, r.quantity, r.unit, r.value, r.time) for r in by_sensor
@@ -190,7 +200,9 @@ def test_signer_reports_cose_alg_and_kid_of_the_spki() -> None:
 def test_es256_signature_is_raw_r_and_s_not_der(p256_key: ec.EllipticCurvePrivateKey) -> None:
     signature = signer_for(p256_key).sign(b"data")
     assert len(signature) == 64
-    assert signature[0] != 0x30 or len(signature) == 64  # DER would start 0x30 and vary in size
+    r, s = int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    der = encode_dss_signature(r, s)
+    p256_key.public_key().verify(der, b"data", ec.ECDSA(hashes.SHA256()))
 
 
 def test_signer_refuses_other_curves() -> None:
@@ -453,7 +465,7 @@ def test_oversize_message_is_refused_before_decoding(ed_key: Ed25519PrivateKey) 
         ([{-2: f"urn:dev:citygate:{GW}:s:", 0: "distance", 2: True}], "number"),
         ([{-2: f"urn:dev:citygate:{GW}:s:", 0: "distance", 2: 1, 6: "x"}], "number"),
         ([{-2: f"urn:dev:citygate:{GW}:s:", 0: "distance", 2: 1, 99: 1}], "label 99"),
-        ([{-2: f"urn:dev:citygate:{GW}:s:", 0: "distance", 2: 2**80}], "out of range"),
+        ([{-2: f"urn:dev:citygate:{GW}:s:", 0: "distance", 2: 2**1100}], "out of range"),
         ([{-2: f"urn:dev:citygate:{GW}:s:", 2: 1}], "label 0 is missing"),
     ],
 )
@@ -496,10 +508,8 @@ def test_arbitrary_bytes_raise_only_verification_error(data: bytes) -> None:
     trusted = {_kid_of(key): _trust(GW, key)}
     with pytest.raises(VerificationError):
         open_sealed(data, TOPIC, trusted)
-    try:
+    with contextlib.suppress(VerificationError):
         seq_of(data)
-    except VerificationError:
-        pass
 
 
 _cbor_values = st.recursive(
@@ -509,9 +519,11 @@ _cbor_values = st.recursive(
     | st.floats()
     | st.binary(max_size=20)
     | st.text(max_size=20),
-    lambda inner: st.lists(inner, max_size=4)
-    | st.dictionaries(st.integers(-5, 20), inner, max_size=4)
-    | st.builds(cbor2.CBORTag, st.sampled_from([0, 1, 2, 18, 24, 28, 30, 37, 55799]), inner),
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.integers(-5, 20), inner, max_size=4)
+        | st.builds(cbor2.CBORTag, st.sampled_from([0, 1, 2, 18, 24, 28, 30, 37, 55799]), inner)
+    ),
     max_leaves=12,
 )
 
@@ -552,7 +564,9 @@ _readings = st.lists(
 def test_arbitrary_readings_round_trip(readings: list[Reading]) -> None:
     key = Ed25519PrivateKey.from_private_bytes(bytes.fromhex(GOLDEN_KEY_HEX))
     signer = signer_for(key)
-    opened = open_sealed(_seal(signer, encode_senml(GW, readings)), TOPIC, {signer.kid: _trust(GW, key)})
+    opened = open_sealed(
+        _seal(signer, encode_senml(GW, readings)), TOPIC, {signer.kid: _trust(GW, key)}
+    )
     sensors = list(dict.fromkeys(r.sensor for r in readings))
     expected = sorted(readings, key=lambda r: sensors.index(r.sensor))
     assert opened.records == tuple(

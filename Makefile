@@ -1,0 +1,48 @@
+# citygate: `make demo` shows the whole system on this machine; `make test` runs every
+# test ring that needs no hardware, plus ruff and mypy. Both set themselves up.
+
+PYTHON ?= python3
+VENV := .venv
+PYCOSE_VENV := .venv-pycose
+BIN := $(VENV)/bin
+DURATION ?= 30
+PYTEST_ARGS ?=
+
+.PHONY: all venv system demo test lint typecheck unit clean bench
+
+all: test
+
+system:
+	@scripts/ensure-debian-packages.sh
+
+venv: system $(VENV)/.installed $(PYCOSE_VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+# pycose 1.1 needs cbor2<6 while the project uses cbor2 6: an environment of its own
+$(PYCOSE_VENV)/.installed: tests/independent/requirements.txt
+	$(PYTHON) -m venv $(PYCOSE_VENV)
+	$(PYCOSE_VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/independent/requirements.txt
+	@touch $@
+
+demo: venv
+	$(BIN)/citygate demo --duration $(DURATION)
+
+lint: venv
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: venv
+	$(BIN)/mypy
+
+test: lint typecheck
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+bench: venv
+	$(BIN)/python bench/pipeline.py
+
+clean:
+	rm -rf $(VENV) $(PYCOSE_VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Make sure the Debian packages that the demo and the tests run for real are here.
+# As root: install what is missing. Otherwise: say in one line what to install, exit 1.
+set -euo pipefail
+
+missing=()
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin/$1" ]; }
+have mosquitto || missing+=(mosquitto)
+have openssl || missing+=(openssl)
+python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "installing Debian packages: ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq >/dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    exit 0
+fi
+echo "missing Debian packages: run \`sudo apt-get install ${missing[*]}\` and try again" >&2
+exit 1
