@@ -112,7 +112,8 @@ class LabBroker:
                 log = self.log_path.read_text() if self.log_path.exists() else ""
                 self._proc = None
                 raise BrokerError(f"mosquitto exited at start: {err.strip()} {log.strip()}")
-            with contextlib.suppress(OSError), socket.create_connection((self.host, self.port), 0.2):
+            with contextlib.suppress(OSError):
+                socket.create_connection((self.host, self.port), 0.2).close()
                 return
             time.sleep(0.05)
         self.stop()

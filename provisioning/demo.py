@@ -111,22 +111,31 @@ async def _demo(workdir: Path, args: argparse.Namespace) -> Summary:
             say(f"  emulated PMS5003 {sid} ({modes[sid]} mode) on {emulator.port}")
         config = _write_config(workdir, lab, broker, sensors, modes)
         verifier = Verifier(trust_store(lab.ca_cert, [lab.clients[GATEWAY_ID][0]]))
-        return await _run_agent_and_verifier(workdir, args, lab, broker, sensors, config, verifier)
+        rig = _Rig(workdir, lab, broker, sensors, config, verifier)
+        return await _run_agent_and_verifier(rig, args)
 
 
-async def _run_agent_and_verifier(
-    workdir: Path,
-    args: argparse.Namespace,
-    lab: LabFiles,
-    broker: LabBroker,
-    sensors: dict[str, Pms5003Emulator],
-    config: Path,
-    verifier: Verifier,
-) -> Summary:
+@dataclass(frozen=True)
+class _Rig:
+    workdir: Path
+    lab: LabFiles
+    broker: LabBroker
+    sensors: dict[str, Pms5003Emulator]
+    config: Path
+    verifier: Verifier
+
+
+async def _run_agent_and_verifier(rig: _Rig, args: argparse.Namespace) -> Summary:
     say = _printer(args.quiet)
+    workdir, lab, broker, sensors, config, verifier = (
+        rig.workdir, rig.lab, rig.broker, rig.sensors, rig.config, rig.verifier
+    )  # fmt: skip
     cert, key = lab.clients["verifier"]
     settings = SessionSettings(
-        host="localhost", port=broker.port, client_id="", tls=verifier_context(cert, key, lab.ca_cert)
+        host="localhost",
+        port=broker.port,
+        client_id="",
+        tls=verifier_context(cert, key, lab.ca_cert),
     )
     stop_verifier = asyncio.Event()
     verifier_task = asyncio.create_task(
@@ -164,7 +173,7 @@ async def _run_agent_and_verifier(
     produced = sum(e.frames_sent for e in sensors.values()) * QUANTITIES_PER_FRAME
     with contextlib.suppress(TimeoutError):
         async with asyncio.timeout(5):
-            while verifier.readings < produced:
+            while verifier.readings < produced:  # noqa: ASYNC110 - counts live in the verifier
                 await asyncio.sleep(0.05)
     stop_verifier.set()
     await verifier_task
@@ -190,9 +199,7 @@ async def _wait_for_end(duration: float | None, agent: asyncio.subprocess.Proces
     waiter = asyncio.ensure_future(agent.wait())
     stopper = asyncio.ensure_future(stop.wait())
     try:
-        await asyncio.wait(
-            {waiter, stopper}, timeout=duration, return_when=asyncio.FIRST_COMPLETED
-        )
+        await asyncio.wait({waiter, stopper}, timeout=duration, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopper.cancel()
         waiter.cancel()
@@ -252,10 +259,14 @@ def _live_printer(say: Any) -> Any:
             frames[(record.sensor, record.t)][record.n] = record.v
         for (sensor, t), values in frames.items():
             stamp = time.strftime("%H:%M:%S", time.localtime(t))
-            shown = "  ".join(f"{n} {v:g}" if isinstance(v, float) else f"{n} {v}" for n, v in values.items())
+            shown = "  ".join(f"{n} {_num(v)}" for n, v in values.items())
             say(f"  {stamp}  seq {message.seq:<4} {sensor:<8} {shown} ug/m3  verified")
 
     return show
+
+
+def _num(value: object) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _print_summary(summary: Summary, *, as_json: bool) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -343,6 +344,40 @@ def test_locator_follows_headers_dotted_quoted_and_inline_keys() -> None:
     assert lines.line_of(("identity", "key")) == 1
 
 
+_BARE = st.from_regex(r"[A-Za-z0-9_-]{1,8}", fullmatch=True)
+_QUOTED = st.text(
+    st.characters(min_codepoint=0x20, max_codepoint=0x7E, exclude_characters='"\\'), max_size=6
+)
+_VALUE = st.sampled_from(
+    ["1", '"a # b = c"', "'x'", "[1,\n  2,  # ]\n]", '"""\n[t]\nk = 1\n"""', "{ a = 1 }", "true"]
+)
+
+
+@given(
+    tables=st.dictionaries(
+        st.one_of(_BARE, _QUOTED),
+        st.dictionaries(_BARE, st.tuples(_VALUE, st.booleans()), max_size=5),
+        max_size=5,
+    )
+)
+def test_locator_finds_the_line_of_every_key(
+    tables: dict[str, dict[str, tuple[str, bool]]],
+) -> None:
+    text = "# generated\n"
+    expected: dict[tuple[str, ...], int] = {}
+    for table, keys in tables.items():
+        header = table if re.fullmatch(r"[A-Za-z0-9_-]+", table) else f'"{table}"'
+        expected[(table,)] = text.count("\n") + 1
+        text += f"[ {header} ]  # a comment\n"
+        for key, (value, blank_before) in keys.items():
+            text += "\n" if blank_before else ""
+            expected[(table, key)] = text.count("\n") + 1
+            text += f"  {key} = {value}\n"
+    tomllib.loads(text)  # the generated text is valid TOML
+    lines = KeyLines(text)
+    assert {path: lines.line_of(path) for path in expected} == expected
+
+
 # -- nothing but ConfigError, whatever the input ------------------------------------------
 
 _KEYS = [
@@ -373,7 +408,8 @@ def _load_or_config_error(path: Path, check_devices: bool) -> None:
     outcome = _outcome(path, check_devices=check_devices)
     if isinstance(outcome, ConfigError):
         assert outcome.issues
-        assert all(issue.line >= 0 and issue.key for issue in outcome.issues)
+        last_line = path.read_bytes().count(b"\n") + 1
+        assert all(0 <= issue.line <= last_line and issue.key for issue in outcome.issues)
     else:
         assert isinstance(outcome, Config)
 

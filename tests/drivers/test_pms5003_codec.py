@@ -114,7 +114,10 @@ def test_vector_frame_with_repaired_checksum_decodes() -> None:
         (_frame(1, 2, 3)[:31], "31 bytes"),
         (b"BN" + _frame(1, 2, 3)[2:], "bad header"),
         (_frame(1, 2, 3)[:3] + b"\x1d" + _frame(1, 2, 3)[4:], "bad length field 29"),
-        (codec.encode_frame([0] * 12 + [0x9700], checksum_delta=1), "expected 0x0142, frame has 0x0143"),
+        (
+            codec.encode_frame([0] * 12 + [0x9700], checksum_delta=1),
+            "expected 0x0142, frame has 0x0143",
+        ),
     ],
 )
 def test_bad_frames_are_rejected_with_a_precise_reason(frame: bytes, reason: str) -> None:

@@ -192,4 +192,3 @@ def test_unplug_marks_unavailable_and_replug_resumes_without_restart(tmp_path: P
         assert open_fds_on(link) == 1  # only the emulator's own slave fd is left
 
     assert driver.state().counters["reopens"] >= 1
-

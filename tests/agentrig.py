@@ -1,0 +1,191 @@
+"""Test rig: the real agent as a subprocess, emulated sensors, a capturing verifier.
+
+The agent is observed only from outside: its exit status and log, its spool
+file (read-only, to learn what it had committed), and what reaches the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sqlite3
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agent.envelope import VerificationError, VerifiedMessage, seq_of
+from agent.mqtt import ConnectFailed, Session, SessionLost, SessionSettings
+from agent.tls import verifier_context
+from agent.verify import Verifier, trust_store
+from provisioning.broker import LabBroker
+from provisioning.pki import LabFiles
+
+
+def write_config(
+    directory: Path,
+    lab: LabFiles,
+    port: int,
+    sensors: dict[str, str],
+    *,
+    gateway: str = "gw-a",
+    extra: str = "",
+) -> Path:
+    cert, key = lab.clients[gateway]
+    text = f"""
+[gateway]
+state_dir = "{directory / "state"}"
+log_level = "info"
+[identity]
+key = "{key}"
+cert = "{cert}"
+ca = "{lab.ca_cert}"
+[broker]
+host = "localhost"
+port = {port}
+connect_timeout_s = 3.0
+backoff_initial_s = 0.1
+backoff_max_s = 1.0
+[spool]
+commit_interval_s = 0.2
+batch_interval_s = 0.5
+batch_max_readings = 30
+{extra}
+"""
+    for sid, tty in sensors.items():
+        text += f'[sensors.{sid}]\ndriver = "pms5003"\nport = "{tty}"\n'
+    path = directory / "gateway.toml"
+    path.write_text(text)
+    return path
+
+
+class AgentProcess:
+    """`citygate run` in a subprocess, its output in a log file."""
+
+    def __init__(self, config: Path, log: Path) -> None:
+        self.config = config
+        self.log = log
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "agent.cli", "run", "--config", str(self.config),
+                stdout=out, stderr=out,
+            )  # fmt: skip
+
+    async def kill(self) -> None:
+        """Power cut: SIGKILL, no chance to flush."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        await self.proc.wait()
+
+    async def stop(self, timeout: float = 15.0) -> int:
+        """Clean stop: SIGTERM and wait."""
+        assert self.proc is not None
+        if self.proc.returncode is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(timeout):
+                return await self.proc.wait()
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()
+            raise
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@dataclass
+class Capture:
+    """Everything the verifier saw, keyed by (gateway, seq), raw bytes kept."""
+
+    verifier: Verifier
+    raw: dict[tuple[str, int], list[bytes]] = field(default_factory=lambda: defaultdict(list))
+    messages: list[VerifiedMessage] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+
+    def readings(self) -> set[tuple[str, str, float, float]]:
+        unique: dict[tuple[str, int], VerifiedMessage] = {}
+        for message in self.messages:
+            unique[(message.gateway_id, message.seq)] = message
+        return {
+            (r.sensor, r.n, round(r.t, 3), float(r.v))  # type: ignore[arg-type]
+            for message in unique.values()
+            for r in message.records
+        }
+
+
+async def capture(
+    lab: LabFiles, broker: LabBroker, gateways: list[str], out: Capture, stop: asyncio.Event
+) -> None:
+    """Subscribe as the verifier (reconnecting across broker restarts) until `stop`."""
+    cert, key = lab.clients["verifier"]
+    settings = SessionSettings(
+        host="localhost",
+        port=broker.port,
+        client_id="",
+        tls=verifier_context(cert, key, lab.ca_cert),
+        connect_timeout_s=2.0,
+    )
+    while not stop.is_set():
+        try:
+            session = await Session.open(settings)
+        except ConnectFailed:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await stop.wait()
+            continue
+        async with session:
+            closer = asyncio.create_task(_close_when(stop, session))
+            try:
+                await session.subscribe("citygate/+/telemetry")
+                async for msg in session.messages():
+                    try:
+                        checked = out.verifier.check(msg.topic, msg.payload)
+                    except VerificationError as exc:
+                        out.failures.append(str(exc))
+                        continue
+                    out.raw[(checked.gateway_id, seq_of(msg.payload))].append(msg.payload)
+                    out.messages.append(checked)
+            except SessionLost:
+                pass
+            finally:
+                closer.cancel()
+
+
+async def _close_when(stop: asyncio.Event, session: Session) -> None:
+    await stop.wait()
+    await session.close()
+
+
+def new_capture(lab: LabFiles, gateways: list[str]) -> Capture:
+    return Capture(Verifier(trust_store(lab.ca_cert, [lab.clients[g][0] for g in gateways])))
+
+
+@dataclass(frozen=True)
+class SpoolSnapshot:
+    """What the spool file had committed: outbox messages and unpacked readings."""
+
+    outbox: dict[int, bytes]
+    readings: set[tuple[str, str, float, float]]
+
+
+def read_spool(path: Path) -> SpoolSnapshot:
+    uri = f"file:{os.fspath(path)}?mode=ro"
+    db = sqlite3.connect(uri, uri=True)
+    try:
+        outbox = {seq: bytes(p) for seq, p in db.execute("SELECT seq, payload FROM outbox")}
+        readings = {
+            (sensor, quantity, round(t, 3), float(value))
+            for sensor, quantity, t, value in db.execute(
+                "SELECT c.sensor, c.quantity, r.t, r.value "
+                "FROM readings r JOIN channels c ON c.id = r.channel"
+            )
+        }
+    finally:
+        db.close()
+    return SpoolSnapshot(outbox, readings)
