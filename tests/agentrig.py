@@ -82,13 +82,13 @@ class AgentProcess:
         self.proc.send_signal(signal.SIGKILL)
         await self.proc.wait()
 
-    async def stop(self, timeout: float = 15.0) -> int:
+    async def stop(self, grace_s: float = 15.0) -> int:
         """Clean stop: SIGTERM and wait."""
         assert self.proc is not None
         if self.proc.returncode is None:
             self.proc.send_signal(signal.SIGTERM)
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(grace_s):
                 return await self.proc.wait()
         except TimeoutError:
             self.proc.kill()
@@ -113,7 +113,7 @@ class Capture:
         for message in self.messages:
             unique[(message.gateway_id, message.seq)] = message
         return {
-            (r.sensor, r.n, round(r.t, 3), float(r.v))  # type: ignore[arg-type]
+            (r.sensor, r.n, round(r.t, 3), float(r.v))
             for message in unique.values()
             for r in message.records
         }

@@ -18,19 +18,26 @@ import pytest
 from drivers.pms5003.emulator import Pms5003Emulator
 from provisioning.broker import LabBroker
 from provisioning.pki import LabFiles
-from tests.agentrig import AgentProcess, SpoolSnapshot, capture, new_capture, read_spool, write_config
+from tests.agentrig import (
+    AgentProcess,
+    SpoolSnapshot,
+    capture,
+    new_capture,
+    read_spool,
+    write_config,
+)
 
 pytestmark = pytest.mark.integration
 
 
-async def _until(predicate: object, timeout: float, what: str) -> None:
+async def _until(predicate: object, limit_s: float, what: str) -> None:
     assert callable(predicate)
     try:
-        async with asyncio.timeout(timeout):
-            while not predicate():  # noqa: ASYNC110 - polling observable state of other processes
+        async with asyncio.timeout(limit_s):
+            while not predicate():
                 await asyncio.sleep(0.05)
     except TimeoutError:
-        raise AssertionError(f"timed out after {timeout} s waiting for {what}") from None
+        raise AssertionError(f"timed out after {limit_s} s waiting for {what}") from None
 
 
 def test_agent_started_with_broker_down_spools_and_sends_when_it_returns(
@@ -79,17 +86,16 @@ def test_sigkill_while_broker_down_loses_nothing_the_spool_committed(
             await _until(lambda: len(out.messages) >= 3, 20, "first messages through the broker")
             broker.stop()
             for round_ in range(3):  # power cuts while the broker is unreachable
-                await _until(
-                    lambda: sensor.frames_sent >= 40 * (round_ + 2), 20, "frames while offline"
-                )
+                target = 40 * (round_ + 2)
+                await _until(lambda: sensor.frames_sent >= target, 20, "frames while offline")  # noqa: B023
                 await agent.kill()
                 snapshots.append(read_spool(spool_path))
                 await agent.start()
             broker.start()
             await _until(
-                lambda: all(s.readings <= out.readings() for s in snapshots)
-                and all(
-                    (("gw-a", seq) in out.raw) for s in snapshots for seq in s.outbox
+                lambda: (
+                    all(s.readings <= out.readings() for s in snapshots)
+                    and all((("gw-a", seq) in out.raw) for s in snapshots for seq in s.outbox)
                 ),
                 30,
                 "every committed reading and message at the verifier",
@@ -117,7 +123,7 @@ def test_sigkill_while_broker_down_loses_nothing_the_spool_committed(
 def test_key_readable_by_others_refuses_to_start_with_the_fix(
     lab: LabFiles, tmp_path: Path
 ) -> None:
-    cert, key = lab.clients["gw-b"]
+    _, key = lab.clients["gw-b"]
     loose = tmp_path / "loose.key"
     loose.write_bytes(key.read_bytes())
     os.chmod(loose, 0o644)

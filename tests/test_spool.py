@@ -13,7 +13,9 @@ from drivers.base import Reading
 
 
 def _readings(n: int, start: int = 0, sensor: str = "air_1") -> list[Reading]:
-    return [Reading(sensor, "pm2_5", float(start + i), "ug/m3", 1_700_000_000.0 + i) for i in range(n)]
+    return [
+        Reading(sensor, "pm2_5", float(start + i), "ug/m3", 1_700_000_000.0 + i) for i in range(n)
+    ]
 
 
 def _build(readings: Sequence[Reading], seq: int) -> tuple[str, bytes]:

@@ -78,7 +78,7 @@ def test_client_without_certificate_gets_no_connack(lab: LabFiles, broker: LabBr
     tls = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(lab.ca_cert))
 
     async def scenario() -> None:
-        with pytest.raises(ConnectFailed, match="CONNACK|cannot reach"):
+        with pytest.raises(ConnectFailed, match=r"CONNACK|cannot reach"):
             await Session.open(_settings(broker, tls))
 
     asyncio.run(scenario())
@@ -92,7 +92,7 @@ def test_client_with_certificate_from_another_ca_gets_no_connack(
     tls.load_cert_chain(cert, key)
 
     async def scenario() -> None:
-        with pytest.raises(ConnectFailed, match="CONNACK|cannot reach"):
+        with pytest.raises(ConnectFailed, match=r"CONNACK|cannot reach"):
             await Session.open(_settings(broker, tls))
 
     asyncio.run(scenario())
@@ -146,9 +146,7 @@ def test_agent_reports_a_refused_message_and_keeps_it(
     spool.close()
 
 
-def test_replayed_or_tampered_messages_fail_verification(
-    lab: LabFiles, broker: LabBroker
-) -> None:
+def test_replayed_or_tampered_messages_fail_verification(lab: LabFiles, broker: LabBroker) -> None:
     gw_a = _identity(lab, "gw-a")
     gw_b = _identity(lab, "gw-b")
     topic_a = "citygate/gw-a/telemetry"
@@ -156,9 +154,7 @@ def test_replayed_or_tampered_messages_fail_verification(
     genuine = _message(gw_a, topic_a, 1)
     flipped = bytearray(genuine)
     flipped[len(flipped) // 2] ^= 0x01
-    verifier = Verifier(
-        trust_store(lab.ca_cert, [lab.clients["gw-a"][0], lab.clients["gw-b"][0]])
-    )
+    verifier = Verifier(trust_store(lab.ca_cert, [lab.clients["gw-a"][0], lab.clients["gw-b"][0]]))
 
     async def scenario() -> list[tuple[str, bytes]]:
         got: list[tuple[str, bytes]] = []
