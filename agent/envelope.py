@@ -15,7 +15,6 @@ once, where hostile bytes meet cbor2 and `cryptography`.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import math
 from collections.abc import Mapping, Sequence
@@ -24,7 +23,7 @@ from typing import Any, Final
 
 import cbor2
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.utils import (
@@ -32,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
     encode_dss_signature,
 )
 
+from agent.keys import KID_BYTES, PrivateKey, PublicKey, kid_for
 from drivers.base import Reading
 
 MAX_MESSAGE_BYTES: Final = 256 * 1024
@@ -39,7 +39,6 @@ ALG_EDDSA: Final = -8
 ALG_ES256: Final = -7
 CONTENT_TYPE_SENML_CBOR: Final = 112
 COSE_SIGN1_TAG: Final = 18
-KID_BYTES: Final = 16
 SEQ_BYTES: Final = 8
 
 # COSE header labels (RFC 9052 §3.1) and CWT claim keys (RFC 8392 §4) we use.
@@ -51,9 +50,6 @@ _RECORD_LABELS: Final = frozenset({_BVER, _BN, _BT, _BU, _N, _U, _V, _VS, _VB, _
 _URN_PREFIX: Final = "urn:dev:citygate:"
 _SAFE_INT: Final = 2**53  # integral values below this travel as CBOR integers
 _MAX_DEPTH: Final = 8
-
-PrivateKey = Ed25519PrivateKey | ec.EllipticCurvePrivateKey
-PublicKey = Ed25519PublicKey | ec.EllipticCurvePublicKey
 
 
 class EnvelopeError(Exception):
@@ -69,14 +65,6 @@ class VerificationError(EnvelopeError):
 
 
 # --- sending side -----------------------------------------------------------
-
-
-def _kid(public_key: PublicKey) -> bytes:
-    """First 16 bytes of SHA-256 over the DER SubjectPublicKeyInfo (DESIGN.md §3)."""
-    der = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(der).digest()[:KID_BYTES]
 
 
 class Signer:
@@ -101,9 +89,9 @@ class Signer:
 def signer_for(key: PrivateKey) -> Signer:
     """A `Signer` for an Ed25519 (EdDSA, -8) or P-256 (ES256, -7) private key."""
     if isinstance(key, Ed25519PrivateKey):
-        return Signer(key, ALG_EDDSA, _kid(key.public_key()))
+        return Signer(key, ALG_EDDSA, kid_for(key.public_key()))
     if isinstance(key, ec.EllipticCurvePrivateKey) and isinstance(key.curve, ec.SECP256R1):
-        return Signer(key, ALG_ES256, _kid(key.public_key()))
+        return Signer(key, ALG_ES256, kid_for(key.public_key()))
     raise EncodingError(f"unsupported signing key {type(key).__name__}: need Ed25519 or P-256")
 
 
@@ -426,7 +414,7 @@ def open_sealed(
     entry = trusted.get(header.kid)
     if entry is None:
         raise VerificationError(f"protected header: kid {header.kid.hex()} is not trusted")
-    if _kid(entry.public_key) != header.kid:
+    if kid_for(entry.public_key) != header.kid:
         raise VerificationError(f"trusted keys: key filed under kid {header.kid.hex()} differs")
     if _key_alg(entry.public_key) != header.alg:
         raise VerificationError(

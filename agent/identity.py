@@ -14,7 +14,6 @@ of them directly).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import stat
@@ -37,11 +36,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from cryptography.x509.oid import NameOID
 
-PrivateKey = Ed25519PrivateKey | EllipticCurvePrivateKey
-PublicKey = Ed25519PublicKey | EllipticCurvePublicKey
+from agent.keys import PrivateKey, PublicKey, kid_for, spki_der
 
 _GATEWAY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
-_KID_LENGTH = 16
 
 
 class IdentityError(Exception):
@@ -64,11 +61,6 @@ class Identity:
     def not_after(self) -> datetime:
         """The end of the certificate's validity, in UTC."""
         return self.certificate.not_valid_after_utc
-
-
-def kid_for(public_key: PublicKey) -> bytes:
-    """The key id of §3: the first 16 bytes of SHA-256 over the DER SubjectPublicKeyInfo."""
-    return hashlib.sha256(_spki(public_key)).digest()[:_KID_LENGTH]
 
 
 def is_valid_gateway_id(text: str) -> bool:
@@ -194,12 +186,6 @@ def _load_ca_bundle(path: Path) -> list[x509.Certificate]:
     return cas
 
 
-def _spki(key: PublicKey) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
 def _check_validity(cert: x509.Certificate, path: Path, now: datetime, what: str) -> None:
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
     if now < start:
@@ -249,7 +235,7 @@ def load_identity(
     cert = _load_certificate(cert_path)
     cas = _load_ca_bundle(ca_path)
     cert_key = public_key_of(cert)
-    if _spki(cert_key) != _spki(key.public_key()):
+    if spki_der(cert_key) != spki_der(key.public_key()):
         raise IdentityError(
             f"certificate {cert_path} is for another key than {key_path}: "
             "install the certificate issued for this key (or the key it was issued for)"

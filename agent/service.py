@@ -175,7 +175,7 @@ class Service:
         batch = self.config.spool.batch_max_readings
         packed = 0
         while True:
-            pending = self.spool.stats().readings
+            pending = self.spool.pending_readings
             if pending == 0 or (full_only and pending < batch):
                 return packed
             if self.spool.pack(batch, self.packer) is None:

@@ -111,6 +111,8 @@ class Spool:
             self._db.executescript(_SCHEMA)
             self._load_channels()
             last = self._meta("last_seq", -1)
+            self._pending_readings = self._count("readings")
+            self._pending_messages = self._count("outbox")
         except sqlite3.DatabaseError as exc:
             raise SpoolError(f"{path}: cannot open spool: {exc}") from exc
         self._seq = SeqCounter(seq_path, floor=last + 1)
@@ -136,6 +138,7 @@ class Spool:
             self._buffer[:0] = group  # keep them; the caller raises the alarm
             self._forget_uncommitted_channels()
             raise _translate(self._path, exc) from exc
+        self._pending_readings += len(group)
         self._enforce_budget()
         return len(group)
 
@@ -163,6 +166,8 @@ class Spool:
                 self._set_meta("last_seq", seq)
         except sqlite3.OperationalError as exc:
             raise _translate(self._path, exc) from exc
+        self._pending_readings -= len(readings)
+        self._pending_messages += 1
         self._enforce_budget()
         return OutboxRow(seq, topic, payload, len(readings))
 
@@ -183,17 +188,28 @@ class Spool:
                 cur = self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
         except sqlite3.OperationalError as exc:
             raise _translate(self._path, exc) from exc
-        return cur.rowcount > 0
+        if cur.rowcount > 0:
+            self._pending_messages -= 1
+            return True
+        return False
 
     # -- state ------------------------------------------------------------
 
+    @property
+    def pending_readings(self) -> int:
+        """Committed readings not yet packed."""
+        return self._pending_readings
+
+    @property
+    def pending_messages(self) -> int:
+        """Packed messages not yet acknowledged."""
+        return self._pending_messages
+
     def stats(self) -> SpoolStats:
-        (readings,) = self._db.execute("SELECT count(*) FROM readings").fetchone()
-        (messages,) = self._db.execute("SELECT count(*) FROM outbox").fetchone()
         return SpoolStats(
             buffered=len(self._buffer),
-            readings=readings,
-            messages=messages,
+            readings=self._pending_readings,
+            messages=self._pending_messages,
             bytes_used=self._bytes_used(),
             dropped_readings=self._meta("dropped_readings", 0),
             next_seq=self._seq.peek(),
@@ -219,12 +235,14 @@ class Spool:
             if row is not None:
                 self._db.execute("DELETE FROM outbox WHERE seq = ?", (row[0],))
                 dropped = int(row[1])
+                self._pending_messages -= 1
             else:
                 ids = self._db.execute("SELECT id FROM readings ORDER BY id LIMIT 1000").fetchall()
                 if not ids:
                     return 0
                 self._db.execute("DELETE FROM readings WHERE id <= ?", (ids[-1][0],))
                 dropped = len(ids)
+                self._pending_readings -= dropped
             self._set_meta("dropped_readings", self._meta("dropped_readings", 0) + dropped)
         return dropped
 
@@ -262,6 +280,10 @@ class Spool:
     def _reading(self, channel: int, value: float, t: float, tq: int) -> Reading:
         sensor, quantity, unit = self._channel_rows[channel]
         return Reading(sensor, quantity, value, unit, t, tq)
+
+    def _count(self, table: str) -> int:
+        (count,) = self._db.execute(f"SELECT count(*) FROM {table}").fetchone()  # noqa: S608 - fixed table names
+        return int(count)
 
     def _meta(self, key: str, default: int) -> int:
         row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()

@@ -153,7 +153,7 @@ class OutboxSender:
 
     async def drained(self) -> None:
         """Wait until the outbox is empty (everything acknowledged)."""
-        while self._spool.stats().messages > 0:
+        while self._spool.pending_messages > 0:
             self._idle.clear()
             self.wake()
             await self._idle.wait()

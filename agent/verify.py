@@ -25,7 +25,8 @@ from pathlib import Path
 from cryptography import x509
 
 from agent.envelope import TrustedKey, VerificationError, VerifiedMessage, open_sealed
-from agent.identity import IdentityError, gateway_id_of, issued_by, kid_for, public_key_of
+from agent.identity import IdentityError, gateway_id_of, issued_by, public_key_of
+from agent.keys import kid_for
 from agent.mqtt import ConnectFailed, Session, SessionLost, SessionSettings
 from agent.tls import verifier_context
 

@@ -30,7 +30,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from agent.identity import PrivateKey, PublicKey, is_valid_gateway_id, public_key_of
+from agent.identity import is_valid_gateway_id, public_key_of
+from agent.keys import PrivateKey, PublicKey
 
 _KEY_MODE = 0o600
 _CERT_MODE = 0o644

@@ -24,14 +24,12 @@ from cryptography.x509.oid import NameOID
 from agent.identity import (
     Identity,
     IdentityError,
-    PrivateKey,
-    PublicKey,
     gateway_id_of,
     is_valid_gateway_id,
-    kid_for,
     load_identity,
     public_key_of,
 )
+from agent.keys import PrivateKey, PublicKey, kid_for
 from agent.tls import client_context, verifier_context
 from provisioning.pki import (
     LabFiles,

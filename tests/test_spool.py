@@ -132,3 +132,18 @@ def test_budget_drops_oldest_and_counts_every_dropped_reading(tmp_path: Path) ->
     newest = spool.outbox(limit=10_000)[-1]
     assert newest.payload.endswith(b",11999.0")
     spool.close()
+
+
+def test_pending_counts_match_the_database_after_reopen(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    spool.add(_readings(25))
+    spool.commit()
+    spool.pack(10, _build)
+    spool.pack(10, _build)
+    first = spool.outbox()[0]
+    spool.ack(first.seq)
+    live = (spool.pending_readings, spool.pending_messages)
+    spool.close()
+    spool = _spool(tmp_path)
+    assert live == (5, 1) == (spool.pending_readings, spool.pending_messages)
+    spool.close()
