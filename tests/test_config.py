@@ -210,11 +210,20 @@ def test_device_checks_are_off_by_default(tmp_path: Path) -> None:
     assert [sensor.sensor_id for sensor in config.sensors] == ["bin_7"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can read any file")
-def test_unreadable_identity_file_is_reported(tmp_path: Path) -> None:
+def test_unreadable_identity_file_is_reported(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for name in ("k", "c", "a"):
         (tmp_path / name).write_text("x")
     (tmp_path / "k").chmod(0)
+    if os.geteuid() == 0:  # root may read anything: give the answer a normal user would get
+        real_access = os.access
+        unreadable = tmp_path / "k"
+
+        def access(path: Any, mode: int, **kwargs: Any) -> bool:
+            return False if Path(path) == unreadable else real_access(path, mode, **kwargs)
+
+        monkeypatch.setattr(os, "access", access)
     text = MINIMAL.replace("/id/gateway.key", "k").replace("/id/gateway.crt", "c")
     path = _write(tmp_path, text.replace("/id/ca.crt", "a"))
     assert _issues(path, check_devices=True) == [
