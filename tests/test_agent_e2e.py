@@ -8,6 +8,7 @@ spool file right after each kill, then looked for at the verifier.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.mqtt import Session, SessionSettings
+from agent.tls import verifier_context
 from drivers.pms5003.emulator import Pms5003Emulator
 from provisioning.broker import LabBroker
 from provisioning.pki import LabFiles
@@ -153,3 +156,39 @@ def test_malformed_config_is_refused_with_file_line_and_key(tmp_path: Path) -> N
     )
     assert result.returncode == 1
     assert "gateway.toml:6: broker.port:" in result.stderr
+
+
+def test_status_is_retained_online_and_the_will_says_offline_after_a_power_cut(
+    lab: LabFiles, broker: LabBroker, tmp_path: Path
+) -> None:
+    cert, key = lab.clients["verifier"]
+    settings = SessionSettings(
+        "localhost", broker.port, "", verifier_context(cert, key, lab.ca_cert)
+    )
+
+    async def next_status(session: Session) -> dict[str, object]:
+        async with asyncio.timeout(20):
+            message = await anext(session.messages())
+        assert message.topic == "citygate/gw-a/status"
+        return dict(json.loads(message.payload))
+
+    async def scenario() -> None:
+        config = write_config(tmp_path, lab, broker.port, {})
+        agent = AgentProcess(config, tmp_path / "agent.log")
+        await agent.start()
+        async with await Session.open(settings) as watcher:
+            await watcher.subscribe("citygate/gw-a/status")
+            status = await next_status(watcher)
+            while status["state"] != "online":  # an older retained message may come first
+                status = await next_status(watcher)
+            assert status["gateway"] == "gw-a"
+            await agent.kill()
+            assert (await next_status(watcher))["state"] == "offline"
+        # a late subscriber still learns the last state: it is retained
+        async with await Session.open(settings) as late:
+            await late.subscribe("citygate/gw-a/status")
+            retained = await anext(late.messages())
+            assert retained.retain
+            assert json.loads(retained.payload)["state"] == "offline"
+
+    asyncio.run(scenario())
