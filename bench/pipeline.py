@@ -201,14 +201,13 @@ async def end_to_end_phase(
 
     async def produce() -> EndToEnd:
         before = Counters.now()
-        messages = 0
         for chunk in _chunks(total):
             spool.add(chunk)
             spool.commit()
             if _pack(spool, packer, batch, full_only=True):
                 sender.wake()
             await asyncio.sleep(0)
-        messages += _pack(spool, packer, batch, full_only=False)
+        _pack(spool, packer, batch, full_only=False)
         sender.wake()
         async with asyncio.timeout(DRAIN_TIMEOUT_S):
             await sender.drained()
