@@ -26,6 +26,7 @@ from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -70,6 +71,9 @@ class SessionSettings:
     connect_timeout_s: float = 10.0
     inflight: int = 16
     will: Will | None = None
+    # a consumer that must not miss messages while it is away keeps its session
+    clean_start: bool = True
+    session_expiry_s: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,8 +195,18 @@ class Session:
 
     async def _connect(self) -> None:
         s = self._settings
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+        if s.session_expiry_s:
+            properties.SessionExpiryInterval = s.session_expiry_s
         try:
-            await asyncio.to_thread(self._client.connect, s.host, s.port, s.keepalive_s)
+            await asyncio.to_thread(
+                self._client.connect,
+                s.host,
+                s.port,
+                s.keepalive_s,
+                clean_start=s.clean_start,
+                properties=properties,
+            )
         except (OSError, ssl.SSLError, ValueError) as exc:
             raise ConnectFailed(f"cannot reach {s.host}:{s.port}: {exc}") from exc
         self._client.loop_start()

@@ -163,29 +163,19 @@ class Service:
             try:
                 self.spool.commit()
                 due = time.monotonic() - last_pack >= spool_cfg.batch_interval_s
-                if self._pack(full_only=not due):
+                if self.spool.pack_ready(spool_cfg.batch_max_readings, self.packer, partial=due):
                     self.sender.wake()
                 if due:
                     last_pack = time.monotonic()
             except SpoolError as exc:
                 log.error("spool: %s (readings are kept in memory and retried)", exc)
 
-    def _pack(self, *, full_only: bool) -> int:
-        """Pack full batches; with full_only False also the final partial one."""
-        batch = self.config.spool.batch_max_readings
-        packed = 0
-        while True:
-            pending = self.spool.pending_readings
-            if pending == 0 or (full_only and pending < batch):
-                return packed
-            if self.spool.pack(batch, self.packer) is None:
-                return packed
-            packed += 1
-
     def _flush(self) -> None:
         try:
             self.spool.commit()
-            if self._pack(full_only=False):
+            if self.spool.pack_ready(
+                self.config.spool.batch_max_readings, self.packer, partial=True
+            ):
                 self.sender.wake()
         except SpoolError as exc:
             log.error("spool at shutdown: %s", exc)

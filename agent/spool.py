@@ -108,6 +108,10 @@ class Spool:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
+            # Debian builds SQLite with SECURE_DELETE, which rewrites every freed page with
+            # zeros: a second write of all telemetry. Readings are not secrets (they are
+            # sent to the cloud), and flash wear is the budget that matters here.
+            self._db.execute("PRAGMA secure_delete=FAST")
             self._db.executescript(_SCHEMA)
             self._load_channels()
             last = self._meta("last_seq", -1)
@@ -171,6 +175,15 @@ class Spool:
         self._enforce_budget()
         return OutboxRow(seq, topic, payload, len(readings))
 
+    def pack_ready(self, max_readings: int, build: Builder, *, partial: bool) -> int:
+        """Pack every full batch, and with `partial` the remainder too; return messages made."""
+        made = 0
+        while self._pending_readings >= (1 if partial else max_readings):
+            if self.pack(max_readings, build) is None:
+                break
+            made += 1
+        return made
+
     # -- outbox -----------------------------------------------------------
 
     def outbox(self, *, after_seq: int = -1, limit: int = 100) -> list[OutboxRow]:
@@ -181,17 +194,23 @@ class Spool:
         ).fetchall()
         return [OutboxRow(seq, topic, bytes(payload), n) for seq, topic, payload, n in rows]
 
-    def ack(self, seq: int) -> bool:
-        """Delete an acknowledged message; False if it was already gone (e.g. dropped)."""
+    def ack(self, seqs: Sequence[int]) -> int:
+        """Delete acknowledged messages in one transaction; return how many were still there.
+
+        Grouping acknowledgements costs nothing in safety: a row whose PUBACK
+        arrived but whose delete was not yet committed is only sent once more.
+        """
+        if not seqs:
+            return 0
         try:
             with _transaction(self._db):
-                cur = self._db.execute("DELETE FROM outbox WHERE seq = ?", (seq,))
+                cur = self._db.executemany(
+                    "DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in seqs]
+                )
         except sqlite3.OperationalError as exc:
             raise _translate(self._path, exc) from exc
-        if cur.rowcount > 0:
-            self._pending_messages -= 1
-            return True
-        return False
+        self._pending_messages -= cur.rowcount
+        return cur.rowcount
 
     # -- state ------------------------------------------------------------
 

@@ -34,6 +34,9 @@ from agent.spool import OutboxRow, Spool
 
 log = logging.getLogger(__name__)
 
+#: acknowledged rows are deleted in groups of at most this many (and whenever the sender idles)
+ACK_GROUP = 64
+
 
 @dataclass(slots=True)
 class UplinkCounters:
@@ -145,6 +148,7 @@ class OutboxSender:
         self._wake = asyncio.Event()
         self._idle = asyncio.Event()
         self._refused: set[int] = set()
+        self._acked: list[int] = []  # PUBACKed, delete not yet committed
         self._in_flight = 0
 
     def wake(self) -> None:
@@ -152,19 +156,28 @@ class OutboxSender:
         self._wake.set()
 
     async def drained(self) -> None:
-        """Wait until the outbox is empty (everything acknowledged)."""
-        while self._spool.pending_messages > 0:
+        """Wait until everything but the refused messages is acknowledged."""
+        while self._spool.pending_messages > len(self._refused):
             self._idle.clear()
             self.wake()
             await self._idle.wait()
 
     async def run(self) -> None:
-        while True:
-            session = await self._uplink.session()
-            try:
-                await self._drain(session)
-            except* SessionLost:
-                pass  # wait for the next session and send everything unacknowledged again
+        try:
+            while True:
+                session = await self._uplink.session()
+                try:
+                    await self._drain(session)
+                except* SessionLost:
+                    pass  # wait for the next session and send everything unacknowledged again
+                self._flush_acks()
+        finally:
+            self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        """Delete acknowledged rows, many per transaction (flash wear, not safety)."""
+        acked, self._acked = self._acked, []
+        self._spool.ack(acked)
 
     async def _drain(self, session: Session) -> None:
         slots = asyncio.Semaphore(self._window)
@@ -181,6 +194,7 @@ class OutboxSender:
                     after = row.seq
                 if rows:
                     continue
+                self._flush_acks()
                 if self._in_flight == 0:
                     self._idle.set()
                 await _first(self._wake.wait(), session.lost)
@@ -197,7 +211,9 @@ class OutboxSender:
                 self._refused.add(row.seq)
                 log.error("message seq %d kept for retry: %s", row.seq, exc)
         else:
-            self._spool.ack(row.seq)
+            self._acked.append(row.seq)
+            if len(self._acked) >= ACK_GROUP:
+                self._flush_acks()
             self._uplink.counters.published += 1
         finally:
             self._in_flight -= 1

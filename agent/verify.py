@@ -112,12 +112,17 @@ async def subscribe_and_verify(
     settings: SessionSettings,
     verifier: Verifier,
     *,
-    on_verified: Callable[[VerifiedMessage], None],
+    on_verified: Callable[[VerifiedMessage, bytes], None],
     on_failed: Callable[[str, VerificationError], None],
     stop: asyncio.Event,
+    subscribed: asyncio.Event | None = None,
     topic_filter: str | None = None,
 ) -> None:
-    """Stay subscribed (reconnecting) and verify every telemetry message until `stop`."""
+    """Stay subscribed (reconnecting) and verify every telemetry message until `stop`.
+
+    `on_verified` gets the verified contents and the raw bytes. `subscribed` is
+    set once the broker has granted the first subscription.
+    """
     topic_filter = topic_filter or f"{verifier.prefix}/+/telemetry"
     while not stop.is_set():
         try:
@@ -132,9 +137,11 @@ async def subscribe_and_verify(
             closer = asyncio.create_task(_close_when(stop, session), name="verifier-stop")
             try:
                 await session.subscribe(topic_filter, qos=1)
+                if subscribed is not None:
+                    subscribed.set()
                 async for msg in session.messages():
                     try:
-                        on_verified(verifier.check(msg.topic, msg.payload))
+                        on_verified(verifier.check(msg.topic, msg.payload), msg.payload)
                     except VerificationError as exc:
                         on_failed(msg.topic, exc)
             except SessionLost as exc:
@@ -146,6 +153,14 @@ async def subscribe_and_verify(
 async def _close_when(stop: asyncio.Event, session: Session) -> None:
     await stop.wait()
     await session.close()
+
+
+def _common_name(cert_path: Path) -> str:
+    """Our client id: the broker derives it from the certificate's CN anyway."""
+    try:
+        return gateway_id_of(x509.load_pem_x509_certificate(cert_path.read_bytes()))
+    except (OSError, ValueError, IdentityError):
+        return ""
 
 
 def add_verify_arguments(parser: argparse.ArgumentParser) -> None:
@@ -172,7 +187,7 @@ def run_verify_command(args: argparse.Namespace) -> int:
     settings = SessionSettings(
         host=args.host,
         port=args.port,
-        client_id="",
+        client_id=_common_name(args.cert),
         tls=verifier_context(args.cert, args.key, args.ca),
     )
 
@@ -184,7 +199,7 @@ def run_verify_command(args: argparse.Namespace) -> int:
         if args.duration:
             loop.call_later(args.duration, stop.set)
 
-        def verified(message: VerifiedMessage) -> None:
+        def verified(message: VerifiedMessage, _payload: bytes) -> None:
             for line in reading_lines(message):
                 print(line, flush=True)
             if args.count and verifier.verified >= args.count:

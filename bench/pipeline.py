@@ -145,16 +145,6 @@ def _chunks(total: int) -> Iterator[list[Reading]]:
         yield chunk
 
 
-def _pack(spool: Spool, packer: Packer, batch: int, *, full_only: bool) -> int:
-    """Pack full batches (and with full_only False the partial last one); return messages."""
-    packed = 0
-    while spool.pending_readings >= (batch if full_only else 1):
-        if spool.pack(batch, packer) is None:
-            break
-        packed += 1
-    return packed
-
-
 def _open_spool(directory: Path) -> Spool:
     directory.mkdir(parents=True)
     return Spool(directory / "spool.db", directory / "seq", budget_bytes=BUDGET_BYTES)
@@ -169,8 +159,8 @@ def limit_phase(directory: Path, identity: Identity, total: int, batch: int) -> 
         for chunk in _chunks(total):
             spool.add(chunk)
             spool.commit()
-            _pack(spool, packer, batch, full_only=True)
-        _pack(spool, packer, batch, full_only=False)
+            spool.pack_ready(batch, packer, partial=False)
+        spool.pack_ready(batch, packer, partial=True)
         return time.perf_counter() - start
     finally:
         spool.close()
@@ -204,10 +194,10 @@ async def end_to_end_phase(
         for chunk in _chunks(total):
             spool.add(chunk)
             spool.commit()
-            if _pack(spool, packer, batch, full_only=True):
+            if spool.pack_ready(batch, packer, partial=False):
                 sender.wake()
             await asyncio.sleep(0)
-        _pack(spool, packer, batch, full_only=False)
+        spool.pack_ready(batch, packer, partial=True)
         sender.wake()
         async with asyncio.timeout(DRAIN_TIMEOUT_S):
             await sender.drained()

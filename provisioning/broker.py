@@ -84,7 +84,8 @@ class LabBroker:
         conf.write_text(
             f"per_listener_settings false\n"
             f"allow_anonymous false\n"
-            f"persistence false\n"
+            f"persistence true\n"
+            f"persistence_location {self.workdir}/\n"
             f"user {getpass.getuser()}\n"
             f"log_dest file {self.log_path}\n"
             f"log_type error\nlog_type warning\nlog_type notice\n"

@@ -134,10 +134,13 @@ async def _run_agent_and_verifier(rig: _Rig, args: argparse.Namespace) -> Summar
     settings = SessionSettings(
         host="localhost",
         port=broker.port,
-        client_id="",
+        client_id="verifier",
         tls=verifier_context(cert, key, lab.ca_cert),
+        clean_start=False,  # keep our subscription across reconnects: miss nothing
+        session_expiry_s=600,
     )
     stop_verifier = asyncio.Event()
+    subscribed = asyncio.Event()
     verifier_task = asyncio.create_task(
         subscribe_and_verify(
             settings,
@@ -145,9 +148,12 @@ async def _run_agent_and_verifier(rig: _Rig, args: argparse.Namespace) -> Summar
             on_verified=_live_printer(say),
             on_failed=lambda topic, exc: say(f"  FAILED verification on {topic}: {exc}"),
             stop=stop_verifier,
+            subscribed=subscribed,
         ),
         name="demo-verifier",
     )
+    async with asyncio.timeout(15):
+        await subscribed.wait()  # subscribed before the agent sends anything
     log_path = workdir / "agent.log"
     say(f"  agent: citygate run --config {config}  (log: {log_path})")
     say("live readings (each line: one message, verified with the gateway's certificate):")
@@ -253,7 +259,7 @@ def _printer(quiet: bool) -> Any:
 
 
 def _live_printer(say: Any) -> Any:
-    def show(message: VerifiedMessage) -> None:
+    def show(message: VerifiedMessage, _payload: bytes) -> None:
         frames: dict[tuple[str, float], dict[str, object]] = defaultdict(dict)
         for record in message.records:
             frames[(record.sensor, record.t)][record.n] = record.v

@@ -7,7 +7,6 @@ file (read-only, to learn what it had committed), and what reaches the broker.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import sqlite3
@@ -16,10 +15,10 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agent.envelope import VerificationError, VerifiedMessage, seq_of
-from agent.mqtt import ConnectFailed, Session, SessionLost, SessionSettings
+from agent.envelope import VerificationError, VerifiedMessage
+from agent.mqtt import SessionSettings
 from agent.tls import verifier_context
-from agent.verify import Verifier, trust_store
+from agent.verify import Verifier, subscribe_and_verify, trust_store
 from provisioning.broker import LabBroker
 from provisioning.pki import LabFiles
 
@@ -120,46 +119,36 @@ class Capture:
 
 
 async def capture(
-    lab: LabFiles, broker: LabBroker, gateways: list[str], out: Capture, stop: asyncio.Event
+    lab: LabFiles,
+    broker: LabBroker,
+    out: Capture,
+    stop: asyncio.Event,
+    subscribed: asyncio.Event | None = None,
 ) -> None:
-    """Subscribe as the verifier (reconnecting across broker restarts) until `stop`."""
+    """Subscribe as the verifier until `stop`, with a persistent session (as a cloud
+    consumer would), so messages published while it reconnects are queued for it."""
     cert, key = lab.clients["verifier"]
     settings = SessionSettings(
         host="localhost",
         port=broker.port,
-        client_id="",
+        client_id="verifier",
         tls=verifier_context(cert, key, lab.ca_cert),
         connect_timeout_s=2.0,
+        clean_start=False,
+        session_expiry_s=3600,
     )
-    while not stop.is_set():
-        try:
-            session = await Session.open(settings)
-        except ConnectFailed:
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(0.2):
-                    await stop.wait()
-            continue
-        async with session:
-            closer = asyncio.create_task(_close_when(stop, session))
-            try:
-                await session.subscribe("citygate/+/telemetry")
-                async for msg in session.messages():
-                    try:
-                        checked = out.verifier.check(msg.topic, msg.payload)
-                    except VerificationError as exc:
-                        out.failures.append(str(exc))
-                        continue
-                    out.raw[(checked.gateway_id, seq_of(msg.payload))].append(msg.payload)
-                    out.messages.append(checked)
-            except SessionLost:
-                pass
-            finally:
-                closer.cancel()
 
+    def verified(message: VerifiedMessage, payload: bytes) -> None:
+        out.raw[(message.gateway_id, message.seq)].append(payload)
+        out.messages.append(message)
 
-async def _close_when(stop: asyncio.Event, session: Session) -> None:
-    await stop.wait()
-    await session.close()
+    def failed(topic: str, exc: VerificationError) -> None:
+        out.failures.append(f"{topic}: {exc}")
+
+    await subscribe_and_verify(
+        settings, out.verifier, on_verified=verified, on_failed=failed, stop=stop,
+        subscribed=subscribed,
+    )  # fmt: skip
 
 
 def new_capture(lab: LabFiles, gateways: list[str]) -> Capture:

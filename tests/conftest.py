@@ -6,7 +6,9 @@ test that leaves something behind fails, whatever it asserted.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import threading
 import time
 from collections.abc import Iterator
@@ -47,6 +49,10 @@ def no_leftovers() -> Iterator[None]:
         if time.monotonic() > deadline:
             break
         time.sleep(0.05)
+    for pid in children:  # do not let one failing test poison the next (a stray agent on a pty)
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
     pytest.fail(f"test left running: threads {[t.name for t in threads]}, processes {children}")
 
 

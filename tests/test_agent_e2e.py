@@ -46,22 +46,28 @@ async def _until(predicate: object, limit_s: float, what: str) -> None:
 def test_agent_started_with_broker_down_spools_and_sends_when_it_returns(
     lab: LabFiles, broker: LabBroker, tmp_path: Path
 ) -> None:
-    broker.stop()
     out = new_capture(lab, ["gw-a"])
 
     async def scenario() -> None:
         stop = asyncio.Event()
+        subscribed = asyncio.Event()
+        watcher = asyncio.create_task(capture(lab, broker, out, stop, subscribed))
+        await subscribed.wait()
+        broker.stop()  # the verifier's session survives in the broker's persistence file
         with Pms5003Emulator(period_s=0.1, seed=3, wait_for_host=True) as sensor:
             config = write_config(tmp_path, lab, broker.port, {"air_1": sensor.port})
             agent = AgentProcess(config, tmp_path / "agent.log")
             await agent.start()
             await _until(lambda: sensor.frames_sent >= 20, 20, "frames while the broker is down")
             broker.start()
-            watcher = asyncio.create_task(capture(lab, broker, ["gw-a"], out, stop))
             sensor.set_silent(True)
             await asyncio.sleep(0.5)  # the agent reads what is still in the pty
             produced = sensor.frames_sent * 3
-            await _until(lambda: len(out.readings()) >= produced, 20, "every reading")
+            await _until(
+                lambda: len(out.readings()) >= produced,
+                20,
+                f"all {produced} readings",
+            )
             assert await agent.stop() == 0
             stop.set()
             await watcher
@@ -81,7 +87,9 @@ def test_sigkill_while_broker_down_loses_nothing_the_spool_committed(
 
     async def scenario() -> None:
         stop = asyncio.Event()
-        watcher = asyncio.create_task(capture(lab, broker, ["gw-a"], out, stop))
+        subscribed = asyncio.Event()
+        watcher = asyncio.create_task(capture(lab, broker, out, stop, subscribed))
+        await subscribed.wait()
         with Pms5003Emulator(period_s=0.05, seed=5, wait_for_host=True) as sensor:
             config = write_config(tmp_path, lab, broker.port, {"air_1": sensor.port})
             agent = AgentProcess(config, tmp_path / "agent.log")

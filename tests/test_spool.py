@@ -61,9 +61,9 @@ def test_outbox_row_is_resent_byte_identical_until_acked(tmp_path: Path) -> None
     spool = _spool(tmp_path)
     (again,) = spool.outbox()
     assert again == packed
-    assert spool.ack(again.seq)
+    assert spool.ack([again.seq]) == 1
     assert spool.outbox() == []
-    assert not spool.ack(again.seq)
+    assert spool.ack([again.seq]) == 0
     spool.close()
 
 
@@ -141,7 +141,7 @@ def test_pending_counts_match_the_database_after_reopen(tmp_path: Path) -> None:
     spool.pack(10, _build)
     spool.pack(10, _build)
     first = spool.outbox()[0]
-    spool.ack(first.seq)
+    spool.ack([first.seq])
     live = (spool.pending_readings, spool.pending_messages)
     spool.close()
     spool = _spool(tmp_path)

@@ -173,6 +173,8 @@ class Pms5003Driver:
             timeout=0,
             xonxoff=False,
             rtscts=False,
+            # one owner per port: a second poller (another agent, a stray minicom) is refused
+            exclusive=True,
         )
         if self._opened_once:
             self._reopens += 1

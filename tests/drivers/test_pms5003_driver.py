@@ -192,3 +192,33 @@ def test_unplug_marks_unavailable_and_replug_resumes_without_restart(tmp_path: P
         assert open_fds_on(link) == 1  # only the emulator's own slave fd is left
 
     assert driver.state().counters["reopens"] >= 1
+
+
+def test_a_second_driver_on_the_same_port_is_refused_while_the_first_keeps_reading() -> None:
+    async def scenario() -> tuple[str, int, int, int]:
+        with Pms5003Emulator(period_s=0.05, seed=11) as sensor:
+            first = FAMILY.create("air_1", FAMILY.parse_options("air_1", {"port": sensor.port}))
+            second = FAMILY.create("air_2", FAMILY.parse_options("air_2", {"port": sensor.port}))
+            got_first: list[Reading] = []
+            got_second: list[Reading] = []
+            tasks = [asyncio.create_task(first.run(got_first.extend))]
+            for _ in range(500):
+                if got_first:
+                    break
+                await asyncio.sleep(0.02)
+            tasks.append(asyncio.create_task(second.run(got_second.extend)))
+            for _ in range(500):
+                if "cannot open" in second.state().reason:
+                    break
+                await asyncio.sleep(0.02)
+            reason, before = second.state().reason, len(got_first)
+            await asyncio.sleep(0.3)
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return reason, before, len(got_first), len(got_second)
+
+    reason, before, after, second_count = asyncio.run(scenario())
+    assert "cannot open" in reason
+    assert second_count == 0
+    assert after > before
