@@ -19,6 +19,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from agent.mqtt import SessionSettings
+from agent.tls import verifier_context
+
 MOSQUITTO_HINT = "mosquitto is not installed: run `sudo apt-get install mosquitto`"
 
 
@@ -136,6 +139,22 @@ class LabBroker:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def session_settings(
+        self, cert: Path, key: Path, ca: Path, *, client_id: str, persistent: bool = False
+    ) -> SessionSettings:
+        """Settings for a client of this broker; `persistent` keeps its subscriptions
+        and queued messages across reconnects (and broker restarts), as a cloud
+        consumer that must miss nothing would."""
+        return SessionSettings(
+            host="localhost",
+            port=self.port,
+            client_id=client_id,
+            tls=verifier_context(cert, key, ca),
+            connect_timeout_s=2.0,
+            clean_start=not persistent,
+            session_expiry_s=3600 if persistent else 0,
+        )
 
     @property
     def running(self) -> bool:

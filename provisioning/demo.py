@@ -28,8 +28,6 @@ from pathlib import Path
 from typing import Any
 
 from agent.envelope import VerificationError, VerifiedMessage
-from agent.mqtt import SessionSettings
-from agent.tls import verifier_context
 from agent.verify import Verifier, subscribe_and_verify, trust_store
 from drivers.pms5003.emulator import Pms5003Emulator
 from provisioning.broker import BrokerError, LabBroker
@@ -131,13 +129,8 @@ async def _run_agent_and_verifier(rig: _Rig, args: argparse.Namespace) -> Summar
         rig.workdir, rig.lab, rig.broker, rig.sensors, rig.config, rig.verifier
     )  # fmt: skip
     cert, key = lab.clients["verifier"]
-    settings = SessionSettings(
-        host="localhost",
-        port=broker.port,
-        client_id="verifier",
-        tls=verifier_context(cert, key, lab.ca_cert),
-        clean_start=False,  # keep our subscription across reconnects: miss nothing
-        session_expiry_s=600,
+    settings = broker.session_settings(
+        cert, key, lab.ca_cert, client_id="verifier", persistent=True
     )
     stop_verifier = asyncio.Event()
     subscribed = asyncio.Event()

@@ -10,14 +10,13 @@ import asyncio
 import os
 import signal
 import sqlite3
+import subprocess
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from agent.envelope import VerificationError, VerifiedMessage
-from agent.mqtt import SessionSettings
-from agent.tls import verifier_context
 from agent.verify import Verifier, subscribe_and_verify, trust_store
 from provisioning.broker import LabBroker
 from provisioning.pki import LabFiles
@@ -58,6 +57,17 @@ batch_max_readings = 30
     path = directory / "gateway.toml"
     path.write_text(text)
     return path
+
+
+def citygate(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run the command line as a user does: a subprocess; output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "agent.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 class AgentProcess:
@@ -128,14 +138,8 @@ async def capture(
     """Subscribe as the verifier until `stop`, with a persistent session (as a cloud
     consumer would), so messages published while it reconnects are queued for it."""
     cert, key = lab.clients["verifier"]
-    settings = SessionSettings(
-        host="localhost",
-        port=broker.port,
-        client_id="verifier",
-        tls=verifier_context(cert, key, lab.ca_cert),
-        connect_timeout_s=2.0,
-        clean_start=False,
-        session_expiry_s=3600,
+    settings = broker.session_settings(
+        cert, key, lab.ca_cert, client_id="verifier", persistent=True
     )
 
     def verified(message: VerifiedMessage, payload: bytes) -> None:

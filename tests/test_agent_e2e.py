@@ -10,8 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,6 +23,7 @@ from tests.agentrig import (
     AgentProcess,
     SpoolSnapshot,
     capture,
+    citygate,
     new_capture,
     read_spool,
     write_config,
@@ -140,13 +139,7 @@ def test_key_readable_by_others_refuses_to_start_with_the_fix(
     os.chmod(loose, 0o644)
     config = write_config(tmp_path, lab, 1, {}, gateway="gw-b")
     config.write_text(config.read_text().replace(str(key), str(loose)))
-    result = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = citygate("run", "--config", str(config))
     assert result.returncode == 1
     assert f"chmod 600 {loose}" in result.stderr
     assert not (tmp_path / "state" / "spool.sqlite").exists()
@@ -155,13 +148,7 @@ def test_key_readable_by_others_refuses_to_start_with_the_fix(
 def test_malformed_config_is_refused_with_file_line_and_key(tmp_path: Path) -> None:
     config = tmp_path / "gateway.toml"
     config.write_text('[gateway]\nstate_dir = "/tmp/x"\n\n[broker]\nhost = "h"\nport = "eighty"\n')
-    result = subprocess.run(
-        [sys.executable, "-m", "agent.cli", "run", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    result = citygate("run", "--config", str(config))
     assert result.returncode == 1
     assert "gateway.toml:6: broker.port:" in result.stderr
 

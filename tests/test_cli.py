@@ -18,17 +18,7 @@ from agent.tls import client_context
 from drivers.base import Reading
 from provisioning.broker import LabBroker
 from provisioning.pki import LabFiles
-from tests.agentrig import write_config
-
-
-def citygate(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "agent.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+from tests.agentrig import citygate, write_config
 
 
 def _frame(pm1: int, pm25: int, pm10: int) -> str:
