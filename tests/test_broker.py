@@ -6,14 +6,13 @@ import shutil
 
 import pytest
 
-from provisioning import broker
 from provisioning.broker import MOSQUITTO_HINT, BrokerError, acl_text, find_mosquitto
 
 
 def test_missing_mosquitto_gives_one_line_on_how_to_install_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(broker.shutil, "which", lambda *args, **kwargs: None)
+    monkeypatch.setattr(shutil, "which", lambda *args, **kwargs: None)
     with pytest.raises(BrokerError) as caught:
         find_mosquitto()
     assert str(caught.value) == MOSQUITTO_HINT
