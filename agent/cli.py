@@ -62,13 +62,20 @@ def _cmd_decode(args: argparse.Namespace) -> int:
         raise CommandError(
             f"unknown driver {args.driver!r}; known: {', '.join(family_names())}"
         ) from None
+    params = {
+        name: value
+        for name, value in (("mac", args.mac), ("key", args.key), ("profile", args.profile))
+        if value is not None
+    }
     failed = 0
     for text in args.hex:
         result: dict[str, object]
         try:
-            data = bytes.fromhex(text)
-            records = fam.decode(data)
-            result = {"ok": True, "records": [{"n": n, "u": u, "v": v} for n, u, v in records]}
+            decoded = fam.decode(bytes.fromhex(text), params)
+            records = [{"n": n, "u": u, "v": v} for n, u, v in decoded.records]
+            result = {"ok": True, "records": records}
+            if decoded.note:
+                result["note"] = decoded.note
         except ValueError as exc:
             failed += 1
             result = {"ok": False, "error": str(exc)}
@@ -103,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     decode = sub.add_parser("decode", help="decode raw frames as hex; one JSON object per input")
     decode.add_argument("driver", help=f"driver name ({', '.join(family_names())})")
     decode.add_argument("hex", nargs="+", help="frame bytes in hex (spaces allowed if quoted)")
+    decode.add_argument("--mac", help="BLE device address, for encrypted BTHome")
+    decode.add_argument("--key", help="BTHome bind key (32 hex digits)")
+    decode.add_argument("--profile", help="Modbus register map: a profile name or a TOML file")
     decode.set_defaults(handler=_cmd_decode)
 
     from agent.verify import add_verify_arguments

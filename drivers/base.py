@@ -60,6 +60,19 @@ class Driver(Protocol):
     def state(self) -> DriverState: ...
 
 
+#: what a codec returns for one frame: (quantity, unit, value) records (DESIGN.md §5 names)
+Record = tuple[str, str, float]
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    """One frame decoded for `citygate decode`: records, and a note for a valid frame that
+    carries no measurement (e.g. "no echo", "warming up", "duplicate"), else ""."""
+
+    records: list[Record]
+    note: str = ""
+
+
 class DriverFamily(Protocol):
     """What the registry knows about a device family (one folder under drivers/)."""
 
@@ -71,6 +84,12 @@ class DriverFamily(Protocol):
 
     def create(self, sensor_id: str, options: object) -> Driver: ...
 
-    def decode(self, data: bytes) -> list[tuple[str, str, float]]:
-        """Decode one complete frame; raise ValueError with a reason if it is bad."""
+    def decode(self, data: bytes, params: Mapping[str, str]) -> Decoded:
+        """Decode one complete frame (or advertisement payload, or Modbus reply).
+
+        `params` carries what some codecs need besides the bytes, from
+        `citygate decode` options: "mac" and "key" (encrypted BTHome), "profile"
+        (Modbus register map). Raise ValueError (the codec's own subclass is
+        fine) with a reason for a bad frame or a missing parameter.
+        """
         ...

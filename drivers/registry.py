@@ -6,6 +6,7 @@ import importlib
 
 from drivers.base import DriverFamily
 
+# one line per family, in the order `citygate decode --help` lists them
 _FAMILIES = ("pms5003",)
 
 

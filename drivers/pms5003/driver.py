@@ -24,7 +24,7 @@ from typing import Any
 
 import serial
 
-from drivers.base import Driver, DriverState, Emit, OptionError, Reading
+from drivers.base import Decoded, Driver, DriverState, Emit, OptionError, Reading
 from drivers.pms5003 import codec
 
 _log = logging.getLogger(__name__)
@@ -288,5 +288,5 @@ class Pms5003Family:
             raise TypeError(f"expected Pms5003Options, got {type(options).__name__}")
         return Pms5003Driver(sensor_id, options)
 
-    def decode(self, data: bytes) -> list[tuple[str, str, float]]:
-        return codec.decode_frame(data)
+    def decode(self, data: bytes, params: Mapping[str, str]) -> Decoded:
+        return Decoded(codec.decode_frame(data))

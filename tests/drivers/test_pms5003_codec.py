@@ -99,7 +99,7 @@ def test_valid_frame_gives_atmospheric_values_in_ug_per_m3() -> None:
         ("pm2_5", "ug/m3", 2.0),
         ("pm10", "ug/m3", 3.0),
     ]
-    assert FAMILY.decode(frame) == codec.decode_frame(frame)
+    assert FAMILY.decode(frame, {}).records == codec.decode_frame(frame)
 
 
 def test_vector_frame_with_repaired_checksum_decodes() -> None:
