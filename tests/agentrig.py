@@ -7,12 +7,14 @@ file (read-only, to learn what it had committed), and what reaches the broker.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sqlite3
 import subprocess
 import sys
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,7 +28,7 @@ def write_config(
     directory: Path,
     lab: LabFiles,
     port: int,
-    sensors: dict[str, str],
+    sensors: Mapping[str, str | Mapping[str, object]],
     *,
     gateway: str = "gw-a",
     extra: str = "",
@@ -52,8 +54,12 @@ batch_interval_s = 0.5
 batch_max_readings = 30
 {extra}
 """
-    for sid, tty in sensors.items():
-        text += f'[sensors.{sid}]\ndriver = "pms5003"\nport = "{tty}"\n'
+    for sid, given in sensors.items():
+        # a bare port means a PMS5003 on it
+        table = {"driver": "pms5003", "port": given} if isinstance(given, str) else given
+        text += f"[sensors.{sid}]\n" + "".join(
+            f"{key} = {_toml_value(value)}\n" for key, value in table.items()
+        )
     path = directory / "gateway.toml"
     path.write_text(text)
     return path
@@ -68,6 +74,21 @@ def citygate(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str
         timeout=timeout,
         check=False,
     )
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, Mapping):
+        inner = ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items())
+        return "{ " + inner + " }"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"no TOML for {value!r}")
 
 
 class AgentProcess:
