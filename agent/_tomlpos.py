@@ -348,6 +348,15 @@ class Table:
             self.problem(key, f"must be greater than 0 and at most {at_most:g}, got {value}")
         return float(value)
 
+    def required_number(self, key: str, *, at_most: float) -> float:
+        """A required float (integers accepted) in (0, at_most]; NaN after reporting."""
+        value = self._take(key, True, "a number", (int, float))
+        if value is None:
+            return math.nan
+        if not (math.isfinite(value) and 0 < value <= at_most):
+            self.problem(key, f"must be greater than 0 and at most {at_most:g}, got {value}")
+        return float(value)
+
     def path(self, key: str, default: Path | None, base: Path) -> Path:
         """A file system path; a relative one is taken from `base`."""
         value = self._take(key, default is None, "a string", (str,))

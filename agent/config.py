@@ -74,10 +74,19 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BinGeometry:
+    """Where an ultrasonic sensor on a bin's lid sees the bottom (empty) and the top (full)."""
+
+    empty_distance_m: float
+    full_distance_m: float
+
+
+@dataclass(frozen=True, slots=True)
 class SensorConfig:
     sensor_id: str
     driver: str
     options: object  # whatever the driver family's parse_options returned
+    bin: BinGeometry | None = None  # set for fill-level sensors: derive fill_level from distance
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +274,8 @@ def _sensor(report: Report, sensor_id: str, raw: object) -> SensorConfig | None:
     if family is None:
         return None
     driver = str(raw["driver"])
+    geometry = _bin(report, where, raw.get("bin"))
+    raw = {key: value for key, value in raw.items() if key not in _AGENT_SENSOR_KEYS}
     try:
         options = family.parse_options(sensor_id, raw)
     except OptionError as exc:
@@ -273,7 +284,29 @@ def _sensor(report: Report, sensor_id: str, raw: object) -> SensorConfig | None:
     except (ValueError, TypeError) as exc:
         report.add(where, f"driver {driver!r} rejected the options: {exc}")
         return None
-    return SensorConfig(sensor_id=sensor_id, driver=driver, options=options)
+    return SensorConfig(sensor_id=sensor_id, driver=driver, options=options, bin=geometry)
+
+
+#: keys of a sensor table that belong to the agent's pipeline, not to the driver
+_AGENT_SENSOR_KEYS = frozenset({"bin"})
+
+
+def _bin(report: Report, where: KeyPath, raw: object) -> BinGeometry | None:
+    """`bin = { empty_distance_m = 1.2, full_distance_m = 0.25 }` of a fill-level sensor."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        report.add((*where, "bin"), f"expected a table, got {describe_type(raw)}")
+        return None
+    table = Table(report, (*where, "bin"), raw)
+    empty = table.required_number("empty_distance_m", at_most=20.0)
+    full = table.required_number("full_distance_m", at_most=20.0)
+    table.finish()
+    if table.ok("empty_distance_m", "full_distance_m") and not empty > full:
+        table.problem(
+            "full_distance_m", f"must be less than empty_distance_m ({empty:g}), got {full:g}"
+        )
+    return BinGeometry(empty, full)
 
 
 def _sensors(report: Report, raw: object) -> tuple[SensorConfig, ...]:

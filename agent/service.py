@@ -31,6 +31,7 @@ from agent.config import Config
 from agent.envelope import encode_senml, seal, signer_for
 from agent.identity import Identity, load_identity
 from agent.mqtt import SessionSettings
+from agent.pipeline import Pipeline
 from agent.spool import Spool, SpoolError
 from agent.tls import client_context
 from agent.uplink import OutboxSender, Uplink, status_payload
@@ -111,6 +112,9 @@ class Service:
             offline=status("offline"),
         )
         self.sender = OutboxSender(self.spool, self.uplink, window=broker.inflight)
+        self.pipeline = Pipeline(
+            {s.sensor_id: s.bin for s in config.sensors if s.bin is not None}, self.spool.add
+        )
         self.drivers: list[Driver] = [
             family(sensor.driver).create(sensor.sensor_id, sensor.options)
             for sensor in config.sensors
@@ -127,7 +131,7 @@ class Service:
         try:
             async with asyncio.TaskGroup() as group:
                 driver_tasks = [
-                    group.create_task(d.run(self.spool.add), name=f"driver-{d.sensor_id}")
+                    group.create_task(d.run(self.pipeline), name=f"driver-{d.sensor_id}")
                     for d in self.drivers
                 ]
                 committer = group.create_task(self._commit_loop(), name="committer")
