@@ -8,6 +8,18 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin
 have mosquitto || missing+=(mosquitto)
 have openssl || missing+=(openssl)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+# the mock BlueZ of the BLE tests: a private dbus-daemon, and dbus-python built from source
+have dbus-daemon || missing+=(dbus)
+have pkg-config || missing+=(pkg-config)
+if have pkg-config; then
+    pkg-config --exists dbus-1 || missing+=(libdbus-1-dev)
+    pkg-config --exists glib-2.0 || missing+=(libglib2.0-dev)
+else
+    missing+=(libdbus-1-dev libglib2.0-dev)
+fi
+# the MicroPython ring runs the WebAssembly port under Node.js
+have node || missing+=(nodejs)
+have npm || missing+=(npm)
 
 [ ${#missing[@]} -eq 0 ] && exit 0
 
