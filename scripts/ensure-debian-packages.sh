@@ -11,6 +11,9 @@ python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
 # the mock BlueZ of the BLE tests: a private dbus-daemon, and dbus-python built from source
 have dbus-daemon || missing+=(dbus)
 have pkg-config || missing+=(pkg-config)
+have gcc || missing+=(gcc)
+python3 -c 'import os, sysconfig; os.stat(sysconfig.get_paths()["include"] + "/Python.h")' \
+    >/dev/null 2>&1 || missing+=(python3-dev)
 if have pkg-config; then
     pkg-config --exists dbus-1 || missing+=(libdbus-1-dev)
     pkg-config --exists glib-2.0 || missing+=(libglib2.0-dev)
