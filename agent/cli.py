@@ -151,4 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # run the module's importable twin, so plugins raising agent.cli.CommandError are caught
+    from agent.cli import main as _main
+
+    sys.exit(_main())

@@ -63,7 +63,7 @@ def generate_key(kind: str = "ed25519") -> PrivateKey:
     raise PkiError(f"unknown key kind {kind!r}: use 'ed25519' or 'p256'")
 
 
-def _fsync_directory(directory: Path) -> None:
+def fsync_directory(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
@@ -71,18 +71,32 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    """Write `data` to `path` through a temporary file that has `mode` from creation."""
-    directory = path.parent
-    temporary = directory / f".{path.name}.{secrets.token_hex(8)}.tmp"
+@dataclass(frozen=True)
+class Owner:
+    """The user that must own the key file (the service user), by uid and primary gid."""
+
+    name: str
+    uid: int
+    gid: int
+
+
+def write_file_atomically(path: Path, data: bytes, mode: int, owner: Owner | None = None) -> None:
+    """Replace `path` with `data`: mode (and owner) set before the name appears, fsynced."""
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         try:
-            os.fchmod(fd, mode)  # the umask may have removed bits we want (0644 certs)
+            try:
+                os.fchmod(fd, mode)  # the umask may have removed bits we want (0644 certificates)
+            except PermissionError:
+                if not mode & 0o044:
+                    raise
+                # a public file (CSR, certificate) on a USB stick: FAT has no modes to set
+            if owner is not None:
+                os.fchown(fd, owner.uid, owner.gid)
             view = memoryview(data)
             while view:
-                written = os.write(fd, view)
-                view = view[written:]
+                view = view[os.write(fd, view) :]
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -91,7 +105,7 @@ def _write_atomically(path: Path, data: bytes, mode: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             temporary.unlink()
         raise
-    _fsync_directory(directory)
+    fsync_directory(path.parent)
 
 
 def write_private_key(path: Path, key: PrivateKey) -> None:
@@ -101,12 +115,12 @@ def write_private_key(path: Path, key: PrivateKey) -> None:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomically(path, pem, _KEY_MODE)
+    write_file_atomically(path, pem, _KEY_MODE)
 
 
 def write_certificate(path: Path, cert: x509.Certificate) -> None:
     """Write `cert` as PEM, mode 0644, atomically."""
-    _write_atomically(path, cert.public_bytes(serialization.Encoding.PEM), _CERT_MODE)
+    write_file_atomically(path, cert.public_bytes(serialization.Encoding.PEM), _CERT_MODE)
 
 
 def _hash_for(signing_key: PrivateKey) -> hashes.SHA256 | None:
@@ -114,8 +128,11 @@ def _hash_for(signing_key: PrivateKey) -> hashes.SHA256 | None:
     return None if isinstance(signing_key, Ed25519PrivateKey) else hashes.SHA256()
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+def _name(common_name: str, serial_number: str | None = None) -> x509.Name:
+    attributes = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+    if serial_number is not None:
+        attributes.append(x509.NameAttribute(NameOID.SERIAL_NUMBER, serial_number))
+    return x509.Name(attributes)
 
 
 def _period(days: int) -> tuple[datetime, datetime]:
@@ -188,8 +205,12 @@ def issue_certificate(
     server: bool = False,
     dns_names: Sequence[str] = (),
     ip_addresses: Sequence[str] = (),
+    serial_number: str | None = None,
 ) -> x509.Certificate:
-    """An end-entity certificate for `public_key`, signed by the CA, for TLS client/server."""
+    """An end-entity certificate for `public_key`, signed by the CA, for TLS client/server.
+
+    The subject is the common name, plus the device's hardware serial number when given.
+    """
     usages = [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
     if server:
         usages.append(ExtendedKeyUsageOID.SERVER_AUTH)
@@ -198,7 +219,7 @@ def issue_certificate(
     not_before, not_after = _period(days)
     builder = (
         x509.CertificateBuilder()
-        .subject_name(_name(common_name))
+        .subject_name(_name(common_name, serial_number))
         .issuer_name(ca_cert.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())

@@ -15,6 +15,7 @@ from agent.envelope import encode_senml, seal, signer_for
 from agent.identity import load_identity
 from agent.mqtt import Session, SessionSettings
 from agent.tls import client_context
+from drivers import family_names
 from drivers.base import Reading
 from provisioning.broker import LabBroker
 from provisioning.pki import LabFiles
@@ -62,7 +63,8 @@ def test_decode_prints_one_json_object_per_input() -> None:
 def test_decode_unknown_driver_is_one_line_with_the_choices() -> None:
     result = citygate("decode", "nosuch", "00")
     assert result.returncode == 1
-    assert result.stderr.strip() == "citygate: unknown driver 'nosuch'; known: pms5003"
+    known = ", ".join(family_names())
+    assert result.stderr.strip() == f"citygate: unknown driver 'nosuch'; known: {known}"
 
 
 def test_config_check_accepts_a_working_config(lab: LabFiles, tmp_path: Path) -> None:

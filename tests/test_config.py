@@ -1,7 +1,8 @@
 """The gateway config loads typed values and reports every problem with file, line and key.
 
 Data-driven cases live in tests/cases/config/<name>/: `gateway.toml`, the exact
-issue lines in `expected.txt` (empty for a valid file; `{case_dir}` stands for
+issue lines in `expected.txt` (empty for a valid file; `{known_drivers}` stands for the
+registered driver names, `{case_dir}` for
 the case folder), and an empty `check_devices` file to load with device checks.
 """
 
@@ -32,7 +33,7 @@ from agent.config import (
     SpoolConfig,
     load_config,
 )
-from drivers import registry
+from drivers import family_names, registry
 from drivers.base import Driver, OptionError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -78,6 +79,7 @@ def test_case_folder_gives_exactly_the_expected_issues(
 ) -> None:
     folder = CASES / case
     expected = (folder / "expected.txt").read_text(encoding="utf-8")
+    expected = expected.replace("{known_drivers}", ", ".join(family_names()))
     expected_lines = expected.replace("{case_dir}", str(folder)).splitlines()
     monkeypatch.chdir(folder)
     outcome = _outcome(Path("gateway.toml"), check_devices=(folder / "check_devices").exists())
