@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 PYCOSE_VENV := .venv-pycose
+NODE_RING := tests/micropython
 BIN := $(VENV)/bin
 DURATION ?= 30
 PYTEST_ARGS ?=
@@ -15,7 +16,7 @@ all: test
 system:
 	@scripts/ensure-debian-packages.sh
 
-venv: system $(VENV)/.installed $(PYCOSE_VENV)/.installed
+venv: system $(VENV)/.installed $(PYCOSE_VENV)/.installed $(NODE_RING)/node_modules/.package-lock.json
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +28,10 @@ $(PYCOSE_VENV)/.installed: tests/independent/requirements.txt
 	$(PYTHON) -m venv $(PYCOSE_VENV)
 	$(PYCOSE_VENV)/bin/pip install --quiet --disable-pip-version-check -r tests/independent/requirements.txt
 	@touch $@
+
+# the MicroPython WebAssembly port the codec ring runs on, as pinned by its package-lock.json
+$(NODE_RING)/node_modules/.package-lock.json: $(NODE_RING)/package-lock.json
+	npm ci --prefix $(NODE_RING) --no-audit --no-fund
 
 demo: venv
 	$(BIN)/citygate demo --duration $(DURATION)
@@ -45,4 +50,4 @@ bench: venv
 	$(BIN)/python bench/pipeline.py
 
 clean:
-	rm -rf $(VENV) $(PYCOSE_VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PYCOSE_VENV) $(NODE_RING)/node_modules .pytest_cache .mypy_cache .ruff_cache

@@ -112,7 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
     decode.add_argument("hex", nargs="+", help="frame bytes in hex (spaces allowed if quoted)")
     decode.add_argument("--mac", help="BLE device address, for encrypted BTHome")
     decode.add_argument("--key", help="BTHome bind key (32 hex digits)")
-    decode.add_argument("--profile", help="Modbus register map: a profile name or a TOML file")
+    decode.add_argument(
+        "--profile",
+        help="Modbus register map (a profile name or a TOML file), or a serial sensor model",
+    )
     decode.set_defaults(handler=_cmd_decode)
 
     from agent.verify import add_verify_arguments

@@ -7,7 +7,13 @@ import importlib
 from drivers.base import DriverFamily
 
 # one line per family, in the order `citygate decode --help` lists them
-_FAMILIES = ("pms5003",)
+_FAMILIES = (
+    "maxbotix",
+    "a02yyuw",
+    "pms5003",
+    "sds011",
+    "sps30",
+)
 
 
 def family_names() -> tuple[str, ...]:

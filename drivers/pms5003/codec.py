@@ -74,6 +74,17 @@ def decode_frame(frame: bytes) -> list[tuple[str, str, float]]:
     return [(name, unit, float(words[index])) for name, unit, index in _RECORDS]
 
 
+def decode(data: bytes) -> list[tuple[str, str, float]]:
+    """Decode one complete data frame (the name every codec shares); see `decode_frame`."""
+    return decode_frame(data)
+
+
+def is_blank(frame: bytes) -> bool:
+    """True for a valid frame whose 12 measurement words are all zero: a sensor whose fan
+    is still spinning up after power-up or wake (no real air gives zero particle counts)."""
+    return all(word == 0 for word in frame_words(frame)[:12])
+
+
 def encode_frame(words: list[int], checksum_delta: int = 0) -> bytes:
     """Build a data frame from 13 words; `checksum_delta` != 0 makes a deliberately bad one."""
     if len(words) != 13:
@@ -170,14 +181,21 @@ class StreamParser:
 
     def feed(self, data: bytes) -> list[list[tuple[str, str, float]]]:
         """Add bytes; return the records of every complete valid frame, oldest first."""
+        return [decode_frame(frame) for frame in self.feed_frames(data)]
+
+    def feed_frames(self, data: bytes) -> list[bytes]:
+        """Add bytes; return every complete valid 32-byte frame, oldest first."""
         buf = self._pending + bytes(data)
-        out: list[list[tuple[str, str, float]]] = []
+        out: list[bytes] = []
         pos = 0
         while True:
             start = buf.find(HEADER, pos)
             if start < 0:
                 # keep a trailing 0x42: it may be the first half of a header
-                keep = len(buf) - 1 if buf[-1:] == HEADER[0:1] else len(buf)
+                # (only if it is not the last byte of a frame already consumed)
+                keep = len(buf)
+                if buf[-1:] == HEADER[0:1] and keep - 1 >= pos:
+                    keep -= 1
                 self.bad_bytes += keep - pos
                 pos = keep
                 break
@@ -190,7 +208,7 @@ class StreamParser:
         self._pending = buf[pos:]
         return out
 
-    def _try_at(self, buf: bytes, pos: int, out: list[list[tuple[str, str, float]]]) -> int:
+    def _try_at(self, buf: bytes, pos: int, out: list[bytes]) -> int:
         """Examine a header at `pos`; return bytes consumed, or 0 to wait for more input."""
         if len(buf) - pos < 4:
             return 0
@@ -205,7 +223,7 @@ class StreamParser:
         if _sum16(frame, FRAME_LEN - 2) != _word(frame, FRAME_LEN - 2):
             return self._slide()
         self.frames += 1
-        out.append(decode_frame(frame))
+        out.append(frame)
         return FRAME_LEN
 
     def _try_ack(self, buf: bytes, pos: int) -> int:

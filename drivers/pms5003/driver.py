@@ -1,10 +1,12 @@
 """Bind the PMS5003 codec to a serial port and a schedule under asyncio.
 
-The driver opens the port with pyserial (8N1, no flow control), watches its
-file descriptor with `loop.add_reader` (no thread, no busy loop), sets the
-configured mode, polls in passive mode, and turns each valid frame into
-readings. A lost port is reopened with exponential backoff; a port that
-delivers nothing is reported unavailable until the next frame.
+The port itself (pyserial, `loop.add_reader`, reopen with backoff, silence)
+belongs to `drivers.uart.SerialDriver`; this module is the sensor's protocol
+on top of it: the mode command on every open, a wake command, passive reads
+every `poll_interval_s`, sleep and wake on request, optional sleep between
+passive reads, and the warm-up discard after a wake (frames within
+`warmup_s` are dropped and counted; all-zero frames right after a wake are
+warm-up too).
 
 Trust: the config table is unverified until `parse_options` accepts it; the
 bytes from the port are unverified until the codec accepts a frame. The port's
@@ -13,27 +15,31 @@ existence is not checked here (the config layer does that).
 
 from __future__ import annotations
 
-import asyncio
-import errno
 import logging
-import os
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import serial
-
-from drivers.base import Decoded, Driver, DriverState, Emit, OptionError, Reading
+from drivers.base import Decoded, Driver, DriverState, Emit, OptionError
 from drivers.pms5003 import codec
+from drivers.uart import BaseProtocol, SerialDriver, SerialLink, SerialSettings, options
 
 _log = logging.getLogger(__name__)
 
 MODES = ("active", "passive")
-BAUD_RATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
-BACKOFF_INITIAL_S = 0.5
-BACKOFF_MAX_S = 30.0
-_READ_CHUNK = 512
+#: sleep-between-reads: longest wait for the answer to a read before asking again
+READ_RETRY_S = 2.0
+#: a blank frame (all measurement words zero) this long after a wake counts as warm-up
+BLANK_WINDOW_S = 60.0
+_KNOWN = (
+    "port",
+    "baud",
+    "mode",
+    "poll_interval_s",
+    "silence_timeout_s",
+    "warmup_s",
+    "sleep_between_reads",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,234 +51,207 @@ class Pms5003Options:
     mode: str = "active"
     poll_interval_s: float = 2.3
     silence_timeout_s: float = 10.0
-
-
-def _number(key: str, value: object, low: float, high: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise OptionError(key, f"must be a number of seconds, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise OptionError(key, f"must be between {low:g} and {high:g}, got {value:g}")
-    return float(value)
-
-
-def _port(value: object) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise OptionError("port", "must be a non-empty device path such as /dev/ttyAMA0")
-    return value
-
-
-def _baud(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise OptionError("baud", f"must be an integer, got {type(value).__name__}")
-    if value not in BAUD_RATES:
-        raise OptionError("baud", f"must be one of {list(BAUD_RATES)} (the sensor uses 9600)")
-    return value
-
-
-def _mode(value: object) -> str:
-    if value not in MODES:
-        raise OptionError("mode", f'must be "active" or "passive", got {value!r}')
-    return str(value)
+    warmup_s: float = 30.0
+    sleep_between_reads: bool = False
 
 
 def parse_options(sensor_id: str, table: Mapping[str, Any]) -> Pms5003Options:
     """Validate one `[sensors.<id>]` table; raise OptionError naming the offending key."""
-    known = {"driver", "port", "baud", "mode", "poll_interval_s", "silence_timeout_s"}
-    for key in table:
-        if key not in known:
-            raise OptionError(key, f"unknown option for pms5003 sensor {sensor_id!r}")
-    if "port" not in table:
-        raise OptionError("port", "missing: the serial device the sensor is wired to")
-    defaults = Pms5003Options(port="")
-    options = Pms5003Options(
-        port=_port(table["port"]),
-        baud=_baud(table.get("baud", defaults.baud)),
-        mode=_mode(table.get("mode", defaults.mode)),
-        poll_interval_s=_number(
-            "poll_interval_s", table.get("poll_interval_s", defaults.poll_interval_s), 0.1, 3600
+    options.reject_unknown("pms5003", sensor_id, table, _KNOWN)
+    d = Pms5003Options(port="")
+    result = Pms5003Options(
+        port=options.port(table),
+        baud=options.baud(table, d.baud),
+        mode=options.choice(table, "mode", d.mode, MODES),
+        poll_interval_s=options.seconds(table, "poll_interval_s", d.poll_interval_s, 0.1, 86400),
+        silence_timeout_s=options.seconds(
+            table, "silence_timeout_s", d.silence_timeout_s, 0.5, 86400
         ),
-        silence_timeout_s=_number(
-            "silence_timeout_s",
-            table.get("silence_timeout_s", defaults.silence_timeout_s),
-            0.5,
-            3600,
-        ),
+        warmup_s=options.seconds(table, "warmup_s", d.warmup_s, 0.0, 600),
+        sleep_between_reads=options.flag(table, "sleep_between_reads", d.sleep_between_reads),
     )
-    if options.mode == "passive" and options.silence_timeout_s <= options.poll_interval_s:
+    passive = result.mode == "passive"
+    if passive and result.silence_timeout_s <= result.poll_interval_s:
         raise OptionError("silence_timeout_s", "must be longer than poll_interval_s")
-    return options
+    if result.sleep_between_reads and not passive:
+        raise OptionError("sleep_between_reads", 'needs mode = "passive"')
+    if result.sleep_between_reads and result.poll_interval_s <= result.warmup_s:
+        raise OptionError("sleep_between_reads", "needs poll_interval_s longer than warmup_s")
+    return result
 
 
-def next_backoff(delay: float) -> float:
-    """The wait after `delay`: doubled, capped at BACKOFF_MAX_S."""
-    return min(delay * 2, BACKOFF_MAX_S)
+class _Phase:
+    """Where a sleep-between-reads cycle stands (plain strings, for logs)."""
+
+    WARMING = "warming"
+    READING = "reading"
+    ASLEEP = "asleep"
 
 
-class _LinkLost(Exception):
-    """The port hung up or failed; the message is the reason shown in state()."""
+class Pms5003Protocol(BaseProtocol):
+    """The sensor's side of the conversation, as `SerialDriver` drives it."""
+
+    def __init__(self, opts: Pms5003Options) -> None:
+        self.opts = opts
+        self.parser = codec.StreamParser()
+        self.warmup_frames = 0
+        self.blank_frames = 0
+        self.want_awake = True
+        self._link: SerialLink | None = None
+        self._woke_at: float | None = None  # loop time of our last wake; None: no timed warm-up
+        self._last_wake = float("-inf")  # loop time of the last wake command, on open too
+        self._phase = _Phase.WARMING
+        self._read_at = 0.0  # sleep-between-reads: when the current cycle's read is due
+
+    # -- SerialDriver hooks ------------------------------------------------------------------
+
+    def connected(self, link: SerialLink) -> None:
+        self._link = link
+        self.parser.reset()
+        passive = self.opts.mode == "passive"
+        link.write(codec.PASSIVE_MODE if passive else codec.ACTIVE_MODE)
+        if not self.want_awake:
+            link.write(codec.SLEEP_COMMAND)
+            return
+        # the sensor may have been left asleep (by us, before a restart): wake it; a sensor
+        # that is awake ignores this, so only all-zero frames count as warm-up here
+        link.write(codec.WAKE_COMMAND)
+        self._last_wake = link.time()
+        self._woke_at = link.time() if self.opts.sleep_between_reads else None
+        self._phase = _Phase.WARMING
+        self._read_at = link.time() + (self.opts.warmup_s if self.opts.sleep_between_reads else 0)
+
+    def disconnected(self) -> None:
+        self._link = None
+
+    def poll(self, link: SerialLink) -> float | None:
+        if self.opts.mode != "passive" or not self.want_awake:
+            return None
+        if not self.opts.sleep_between_reads:
+            link.write(codec.PASSIVE_READ)
+            return None
+        return self._cycle(link)
+
+    def data_received(self, data: bytes, now: float) -> list[Decoded]:
+        out: list[Decoded] = []
+        for frame in self.parser.feed_frames(data):
+            note = self._discard(frame, now)
+            if note:
+                out.append(Decoded([], note=note))
+                continue
+            out.append(Decoded(codec.decode_frame(frame)))
+            if self.opts.sleep_between_reads and self._phase == _Phase.READING:
+                self._after_read(now)
+        return out
+
+    def counters(self) -> Mapping[str, int]:
+        p = self.parser
+        return {
+            "frames": p.frames,
+            "bad_frames": p.bad_frames,
+            "bad_bytes": p.bad_bytes,
+            "acks": p.acks,
+            "warmup_frames": self.warmup_frames,
+            "blank_frames": self.blank_frames,
+        }
+
+    # -- sleep and wake --------------------------------------------------------------------
+
+    def sleep(self) -> None:
+        self.want_awake = False
+        self._woke_at = None
+        if self._link is not None:
+            self._link.write(codec.SLEEP_COMMAND)
+
+    def wake(self) -> None:
+        self.want_awake = True
+        if self._link is None:
+            return  # `connected` wakes it
+        self._link.write(codec.WAKE_COMMAND)
+        self._start_warmup(self._link.time())
+        self._read_at = self._link.time() + self.opts.warmup_s
+        self._phase = _Phase.WARMING
+        if self.opts.mode == "passive":
+            self._link.poll_in(self.opts.warmup_s if self.opts.sleep_between_reads else 0.0)
+
+    def _start_warmup(self, now: float) -> None:
+        self._woke_at = now
+        self._last_wake = now
+
+    def _discard(self, frame: bytes, now: float) -> str:
+        """Why a valid frame is not a measurement ("" if it is one); counts it."""
+        if self._woke_at is not None and now - self._woke_at < self.opts.warmup_s:
+            self.warmup_frames += 1
+            return "warming up"
+        if not codec.is_blank(frame):
+            return ""
+        if now - self._last_wake < max(self.opts.warmup_s, BLANK_WINDOW_S):
+            self.warmup_frames += 1  # the fan is still spinning up
+            return "warming up"
+        self.blank_frames += 1  # zero particle counts: the sensor is not measuring
+        return "blank frame"
+
+    # -- sleep between passive reads ---------------------------------------------------------
+
+    def _cycle(self, link: SerialLink) -> float:
+        """One step of wake -> warm up -> read -> sleep; returns when to look again."""
+        now = link.time()
+        if self._phase == _Phase.ASLEEP:
+            link.write(codec.WAKE_COMMAND)
+            self._start_warmup(now)
+            self._phase = _Phase.WARMING
+            return max(self._read_at - now, self.opts.warmup_s)
+        if self._phase == _Phase.WARMING and now < self._read_at:
+            return self._read_at - now
+        self._phase = _Phase.READING
+        link.write(codec.PASSIVE_READ)
+        # asked again unless the answer arrives first
+        return min(READ_RETRY_S, self.opts.poll_interval_s / 4)
+
+    def _after_read(self, now: float) -> None:
+        link = self._link
+        if link is None:
+            return
+        link.write(codec.SLEEP_COMMAND)
+        self._phase = _Phase.ASLEEP
+        self._woke_at = None
+        self._read_at = max(self._read_at + self.opts.poll_interval_s, now + self.opts.warmup_s)
+        link.poll_in(self._read_at - self.opts.warmup_s - now)
 
 
 class Pms5003Driver:
     """One PMS5003 on one serial port; `run` returns only when cancelled."""
 
-    def __init__(self, sensor_id: str, options: Pms5003Options) -> None:
+    def __init__(self, sensor_id: str, opts: Pms5003Options) -> None:
         self.sensor_id = sensor_id
-        self._options = options
-        self._parser = codec.StreamParser()
-        self._available = False
-        self._reason = "not started"
-        self._reopens = 0
-        self._opened_once = False
-        self._silent = False
-        self._last_frame = 0.0  # loop.time() of the last frame (or of the open)
+        self._protocol = Pms5003Protocol(opts)
+        settings = SerialSettings(
+            port=opts.port,
+            baud=opts.baud,
+            silence_timeout_s=opts.silence_timeout_s,
+            poll_interval_s=opts.poll_interval_s if opts.mode == "passive" else None,
+        )
+        self._serial = SerialDriver(sensor_id, settings, self._protocol)
 
     def state(self) -> DriverState:
-        p = self._parser
-        counters = {
-            "frames": p.frames,
-            "bad_frames": p.bad_frames,
-            "bad_bytes": p.bad_bytes,
-            "acks": p.acks,
-            "reopens": self._reopens,
-        }
-        return DriverState(available=self._available, reason=self._reason, counters=counters)
+        state = self._serial.state()
+        port_fine = state.reason == "ok" or state.reason.startswith("silent")
+        if self._protocol.want_awake or not port_fine:
+            return state
+        return DriverState(False, "asleep (on request)", state.counters)
 
     async def run(self, emit: Emit) -> None:
-        delay = BACKOFF_INITIAL_S
-        try:
-            while True:
-                frames_before = self._parser.frames
-                try:
-                    port = self._open()
-                except (serial.SerialException, OSError) as exc:
-                    self._set_unavailable(f"cannot open {self._options.port}: {exc}")
-                else:
-                    try:
-                        await self._session(port, emit)
-                    except (_LinkLost, serial.SerialException, OSError) as exc:
-                        self._set_unavailable(f"port lost: {exc}")
-                    finally:
-                        port.close()
-                if self._parser.frames > frames_before:
-                    delay = BACKOFF_INITIAL_S
-                _log.info("%s: retrying %s in %.1f s", self.sensor_id, self._options.port, delay)
-                await asyncio.sleep(delay)
-                delay = next_backoff(delay)
-        finally:
-            self._available = False
-            self._reason = "stopped"
+        await self._serial.run(emit)
 
-    def _open(self) -> serial.Serial:
-        opts = self._options
-        port = serial.Serial(
-            opts.port,
-            opts.baud,
-            bytesize=serial.EIGHTBITS,
-            parity=serial.PARITY_NONE,
-            stopbits=serial.STOPBITS_ONE,
-            timeout=0,
-            xonxoff=False,
-            rtscts=False,
-            # one owner per port: a second poller (another agent, a stray minicom) is refused
-            exclusive=True,
-        )
-        if self._opened_once:
-            self._reopens += 1
-        self._opened_once = True
-        self._parser.reset()
-        _log.info("%s: opened %s (%s mode)", self.sensor_id, opts.port, opts.mode)
-        return port
+    def sleep(self) -> None:
+        """Put the sensor to sleep (fan off) now and after every reopen, until `wake`."""
+        _log.info("%s: sleep requested", self.sensor_id)
+        self._protocol.sleep()
 
-    async def _session(self, port: serial.Serial, emit: Emit) -> None:
-        """Serve one open port until it fails (raises) or the task is cancelled."""
-        loop = asyncio.get_running_loop()
-        fd = port.fileno()
-        lost: asyncio.Future[None] = loop.create_future()
-        self._last_frame = loop.time()
-        self._silent = False
-        loop.add_reader(fd, self._on_readable, fd, lost, emit)
-        try:
-            passive = self._options.mode == "passive"
-            _write(fd, codec.PASSIVE_MODE if passive else codec.ACTIVE_MODE)
-            next_poll = loop.time()
-            while not lost.done():
-                now = loop.time()
-                if passive and now >= next_poll:
-                    _write(fd, codec.PASSIVE_READ)
-                    next_poll = now + self._options.poll_interval_s
-                self._check_silence(now)
-                wake = self._next_silence_check(now)
-                if passive:
-                    wake = min(wake, next_poll)
-                await asyncio.wait([lost], timeout=max(wake - now, 0.01))
-            lost.result()  # raises the reason the reader recorded
-        finally:
-            loop.remove_reader(fd)
-            if not lost.done():
-                lost.cancel()
-            elif not lost.cancelled():
-                lost.exception()  # mark it retrieved when cancellation wins the race
-
-    def _on_readable(self, fd: int, lost: asyncio.Future[None], emit: Emit) -> None:
-        if lost.done():
-            return
-        try:
-            data = os.read(fd, _READ_CHUNK)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            reason = "hung up" if exc.errno == errno.EIO else f"read failed: {exc}"
-            lost.set_exception(_LinkLost(reason))
-            return
-        if not data:
-            lost.set_exception(_LinkLost("hung up (end of file)"))
-            return
-        try:
-            self._deliver(self._parser.feed(data), emit)
-        except Exception as exc:  # a failing emit must end run(), not vanish in the loop
-            lost.set_exception(exc)
-
-    def _deliver(self, frames: list[list[tuple[str, str, float]]], emit: Emit) -> None:
-        if not frames:
-            return
-        self._last_frame = asyncio.get_running_loop().time()
-        if not self._available:
-            _log.info("%s: receiving frames", self.sensor_id)
-        self._available = True
-        self._silent = False
-        self._reason = "ok"
-        for records in frames:
-            stamp = time.time()
-            emit([Reading(self.sensor_id, q, value, unit, stamp) for q, unit, value in records])
-
-    def _next_silence_check(self, now: float) -> float:
-        timeout = self._options.silence_timeout_s
-        if self._silent:  # already reported: look again later, the next frame clears it
-            return now + timeout
-        return self._last_frame + timeout
-
-    def _check_silence(self, now: float) -> None:
-        timeout = self._options.silence_timeout_s
-        if self._silent or now - self._last_frame < timeout:
-            return
-        self._silent = True
-        self._set_unavailable(f"silent for {timeout:g} s")
-
-    def _set_unavailable(self, reason: str) -> None:
-        self._available = False
-        self._reason = reason
-        _log.warning("%s: unavailable: %s", self.sensor_id, reason)
-
-
-def _write(fd: int, data: bytes) -> None:
-    """Send one command; the fd is non-blocking and a UART always drains, so a short write
-    means the port is stuck."""
-    try:
-        sent = os.write(fd, data)
-    except BlockingIOError:
-        sent = 0
-    if sent != len(data):
-        raise _LinkLost(f"output stalled ({sent} of {len(data)} bytes written)")
+    def wake(self) -> None:
+        """Wake the sensor; readings within `warmup_s` from now are dropped and counted."""
+        _log.info("%s: wake requested", self.sensor_id)
+        self._protocol.wake()
 
 
 class Pms5003Family:

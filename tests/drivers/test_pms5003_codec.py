@@ -270,4 +270,13 @@ def test_created_driver_is_unavailable_until_it_runs() -> None:
     state = driver.state()
     assert driver.sensor_id == "air_1"
     assert (state.available, state.reason) == (False, "not started")
-    assert set(state.counters) == {"frames", "bad_frames", "bad_bytes", "acks", "reopens"}
+    assert set(state.counters) == {
+        "frames",
+        "bad_frames",
+        "bad_bytes",
+        "acks",
+        "warmup_frames",
+        "blank_frames",
+        "reopens",
+        "spurious_wakes",
+    }
