@@ -20,11 +20,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from importlib import metadata
+from pathlib import Path
 
 from agent.backoff import Backoff
 from agent.config import Config
@@ -40,6 +43,18 @@ from drivers import Driver, Reading, family
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 5.0
+#: written to the state directory when the service stops cleanly
+RUN_SUMMARY = "last-run.json"
+
+
+def _write_json(path: Path, data: Mapping[str, object]) -> None:
+    """Best effort: a summary that cannot be written is logged, never fatal."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot write %s: %s", path, exc)
 
 
 def version() -> str:
@@ -151,13 +166,31 @@ class Service:
                 await self.uplink.say_goodbye()
                 uplink.cancel()
         finally:
-            stats = self.spool.stats()
+            summary = self._run_summary()
             log.info(
-                "stopped: %d reading(s) and %d message(s) remain spooled",
-                stats.readings + stats.buffered,
-                stats.messages,
+                "stopped: %d reading(s) accepted this run; %d reading(s) and %d message(s) "
+                "remain spooled",
+                summary["accepted"],
+                summary["spooled_readings"],
+                summary["spooled_messages"],
             )
             self.spool.close()
+            _write_json(self.config.gateway.state_dir / RUN_SUMMARY, summary)
+
+    def _run_summary(self) -> dict[str, int | float]:
+        """What this run did, for operators (and the demo) to read after a clean stop."""
+        stats = self.spool.stats()
+        return {
+            "boot_time": self.boot_time,
+            "stop_time": time.time(),
+            "accepted": self.spool.accepted,
+            "published_messages": self.uplink.counters.published,
+            "refused_messages": self.uplink.counters.refused,
+            "spooled_readings": stats.readings + stats.buffered,
+            "spooled_messages": stats.messages,
+            "dropped_readings": stats.dropped_readings,
+            "fill_out_of_range": sum(self.pipeline.counters.values()),
+        }
 
     async def _commit_loop(self) -> None:
         spool_cfg = self.config.spool

@@ -101,6 +101,7 @@ class Spool:
         self._budget = budget_bytes
         self._clock = clock
         self._buffer: list[Reading] = []
+        self.accepted = 0  # readings handed to `add` since this process opened the spool
         self._channels: dict[tuple[str, str, str], int] = {}
         self._channel_rows: dict[int, tuple[str, str, str]] = {}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -126,6 +127,7 @@ class Spool:
     def add(self, readings: Sequence[Reading]) -> None:
         """Accept readings into memory; `commit` makes them durable."""
         self._buffer.extend(readings)
+        self.accepted += len(readings)
 
     def commit(self) -> int:
         """Write the buffered readings in one transaction; return how many were written."""

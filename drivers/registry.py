@@ -13,6 +13,8 @@ _FAMILIES = (
     "pms5003",
     "sds011",
     "sps30",
+    "ruuvi",
+    "bthome",
 )
 
 

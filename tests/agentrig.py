@@ -7,7 +7,6 @@ file (read-only, to learn what it had committed), and what reaches the broker.
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import sqlite3
@@ -21,6 +20,7 @@ from pathlib import Path
 from agent.envelope import VerificationError, VerifiedMessage
 from agent.verify import Verifier, subscribe_and_verify, trust_store
 from provisioning.broker import LabBroker
+from provisioning.labconfig import write_gateway_config
 from provisioning.pki import LabFiles
 
 
@@ -31,38 +31,20 @@ def write_config(
     sensors: Mapping[str, str | Mapping[str, object]],
     *,
     gateway: str = "gw-a",
-    extra: str = "",
 ) -> Path:
-    cert, key = lab.clients[gateway]
-    text = f"""
-[gateway]
-state_dir = "{directory / "state"}"
-log_level = "info"
-[identity]
-key = "{key}"
-cert = "{cert}"
-ca = "{lab.ca_cert}"
-[broker]
-host = "localhost"
-port = {port}
-connect_timeout_s = 3.0
-backoff_initial_s = 0.1
-backoff_max_s = 1.0
-[spool]
-commit_interval_s = 0.2
-batch_interval_s = 0.5
-batch_max_readings = 30
-{extra}
-"""
-    for sid, given in sensors.items():
-        # a bare port means a PMS5003 on it
-        table = {"driver": "pms5003", "port": given} if isinstance(given, str) else given
-        text += f"[sensors.{sid}]\n" + "".join(
-            f"{key} = {_toml_value(value)}\n" for key, value in table.items()
-        )
-    path = directory / "gateway.toml"
-    path.write_text(text)
-    return path
+    """directory/gateway.toml for `gateway`; a bare port string means a PMS5003 on it."""
+    tables = {
+        sid: {"driver": "pms5003", "port": given} if isinstance(given, str) else given
+        for sid, given in sensors.items()
+    }
+    return write_gateway_config(
+        directory / "gateway.toml",
+        lab=lab,
+        gateway=gateway,
+        broker_port=port,
+        state_dir=directory / "state",
+        sensors=tables,
+    )
 
 
 def citygate(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -74,21 +56,6 @@ def citygate(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str
         timeout=timeout,
         check=False,
     )
-
-
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str):
-        return json.dumps(value)
-    if isinstance(value, Mapping):
-        inner = ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items())
-        return "{ " + inner + " }"
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"no TOML for {value!r}")
 
 
 class AgentProcess:

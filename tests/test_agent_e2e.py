@@ -72,6 +72,10 @@ def test_agent_started_with_broker_down_spools_and_sends_when_it_returns(
             await watcher
         assert len(out.readings()) == produced
         assert "retrying" in agent.output()
+        summary = json.loads((tmp_path / "state" / "last-run.json").read_text())
+        assert summary["accepted"] == produced
+        assert (summary["spooled_readings"], summary["spooled_messages"]) == (0, 0)
+        assert summary["published_messages"] == len(out.raw)
 
     asyncio.run(scenario())
     assert out.failures == []
