@@ -36,15 +36,19 @@ from agent.identity import Identity, load_identity
 from agent.mqtt import SessionSettings
 from agent.pipeline import Pipeline
 from agent.spool import Spool, SpoolError
+from agent.state import Inventory, open_state
 from agent.tls import client_context
 from agent.uplink import OutboxSender, Uplink, status_payload
 from drivers import Driver, Reading, family
+from drivers.ble import set_unknown_listener
 
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 5.0
 #: written to the state directory when the service stops cleanly
 RUN_SUMMARY = "last-run.json"
+#: small human-readable state (DESIGN.md §2): the inventory of unconfigured devices, ...
+STATE_FILE = "state.json"
 
 
 def _write_json(path: Path, data: Mapping[str, object]) -> None:
@@ -127,6 +131,7 @@ class Service:
             offline=status("offline"),
         )
         self.sender = OutboxSender(self.spool, self.uplink, window=broker.inflight)
+        self.inventory = Inventory(open_state(config.gateway.state_dir / STATE_FILE))
         self.pipeline = Pipeline(
             {s.sensor_id: s.bin for s in config.sensors if s.bin is not None}, self.spool.add
         )
@@ -143,6 +148,7 @@ class Service:
             len(self.drivers),
             self.config.spool.path,
         )
+        previous_listener = set_unknown_listener(self._heard_unknown)
         try:
             async with asyncio.TaskGroup() as group:
                 driver_tasks = [
@@ -166,6 +172,7 @@ class Service:
                 await self.uplink.say_goodbye()
                 uplink.cancel()
         finally:
+            set_unknown_listener(previous_listener)
             summary = self._run_summary()
             log.info(
                 "stopped: %d reading(s) accepted this run; %d reading(s) and %d message(s) "
@@ -176,6 +183,10 @@ class Service:
             )
             self.spool.close()
             _write_json(self.config.gateway.state_dir / RUN_SUMMARY, summary)
+
+    def _heard_unknown(self, address: str, kind: str, rssi: int | None) -> None:
+        """A BLE sensor nobody configured: list it in the inventory for adoption."""
+        self.inventory.heard(address, kind, rssi)
 
     def _run_summary(self) -> dict[str, int | float]:
         """What this run did, for operators (and the demo) to read after a clean stop."""
