@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 DURATION ?= 30
 PYTEST_ARGS ?=
 
-.PHONY: all venv system demo test lint typecheck unit clean bench
+.PHONY: all venv system demo test lint typecheck unit clean bench deb
 
 all: test
 
@@ -49,5 +49,11 @@ test: lint typecheck
 bench: venv
 	$(BIN)/python bench/pipeline.py
 
+# dist/citygate_<version>_<arch>.deb for this machine's architecture (docs/adr/0004-systemd-sandbox.md)
+DEB_PYTHON ?= /usr/bin/python3
+
+deb: system
+	$(DEB_PYTHON) -m images.deb --out dist --cache build/deb-cache
+
 clean:
-	rm -rf $(VENV) $(PYCOSE_VENV) $(NODE_RING)/node_modules .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(PYCOSE_VENV) $(NODE_RING)/node_modules build dist .pytest_cache .mypy_cache .ruff_cache

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
@@ -18,6 +17,7 @@ from pathlib import Path
 
 from agent.config import ConfigError, load_config
 from agent.identity import IdentityError
+from agent.logging_setup import configure_logging
 from agent.seq import SeqError
 from agent.spool import SpoolError
 from drivers import family, family_names
@@ -30,11 +30,7 @@ class CommandError(Exception):
 
 
 def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(level)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:

@@ -37,6 +37,7 @@ from agent.mqtt import SessionSettings
 from agent.pipeline import Pipeline
 from agent.spool import Spool, SpoolError
 from agent.state import Inventory, open_state
+from agent.systemd import Notifier, keep_alive
 from agent.tls import client_context
 from agent.uplink import OutboxSender, Uplink, status_payload
 from drivers import Driver, Reading, family
@@ -140,7 +141,18 @@ class Service:
             for sensor in config.sensors
         ]
 
-    async def run(self, stop: asyncio.Event) -> None:
+    def status_line(self) -> str:
+        """One line for `systemctl status`: the broker link and what waits in the spool."""
+        stats = self.spool.stats()
+        broker = self.config.broker
+        link = "connected to" if self.uplink.connected else "connecting to"
+        return (
+            f"{link} {broker.host}:{broker.port}; {stats.readings + stats.buffered} "
+            f"reading(s) and {stats.messages} message(s) spooled"
+        )
+
+    async def run(self, stop: asyncio.Event, notifier: Notifier | None = None) -> None:
+        notify = notifier or Notifier(None)
         log.info(
             "citygate %s starting as gateway %s with %d sensor(s); spool %s",
             version(),
@@ -158,7 +170,10 @@ class Service:
                 committer = group.create_task(self._commit_loop(), name="committer")
                 uplink = group.create_task(self.uplink.run(), name="uplink")
                 sender = group.create_task(self.sender.run(), name="sender")
+                watchdog = group.create_task(keep_alive(notify, self.status_line), name="watchdog")
+                notify.ready(self.status_line())
                 await stop.wait()
+                notify.stopping("stopping: flushing the spool")
                 log.info("stopping: flushing the spool")
                 for task in [*driver_tasks, committer]:
                     task.cancel()
@@ -171,6 +186,7 @@ class Service:
                 sender.cancel()
                 await self.uplink.say_goodbye()
                 uplink.cancel()
+                watchdog.cancel()
         finally:
             set_unknown_listener(previous_listener)
             summary = self._run_summary()
@@ -239,6 +255,10 @@ def run_service(config: Config) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await service.run(stop)
+        notifier = Notifier.from_environment()
+        try:
+            await service.run(stop, notifier)
+        finally:
+            notifier.close()
 
     asyncio.run(main())

@@ -20,6 +20,12 @@ if have pkg-config; then
 else
     missing+=(libdbus-1-dev libglib2.0-dev)
 fi
+# the Debian package (make deb) and its tests
+have strip || missing+=(binutils)
+have lintian || missing+=(lintian)
+have shellcheck || missing+=(shellcheck)
+have systemd-analyze || missing+=(systemd)
+have systemd-nspawn || missing+=(systemd-container)
 # the MicroPython ring runs the WebAssembly port under Node.js
 have node || missing+=(nodejs)
 have npm || missing+=(npm)
