@@ -48,6 +48,7 @@ test: lint typecheck
 
 bench: venv
 	$(BIN)/python bench/pipeline.py
+	$(BIN)/python bench/modbus_poll.py
 
 # dist/citygate_<version>_<arch>.deb for this machine's architecture (docs/adr/0004-systemd-sandbox.md)
 DEB_PYTHON ?= /usr/bin/python3

@@ -15,6 +15,7 @@ _FAMILIES = (
     "sps30",
     "ruuvi",
     "bthome",
+    "modbus",
 )
 
 

@@ -18,6 +18,7 @@ from drivers.a02yyuw.emulator import A02yyuwEmulator
 from drivers.ble.mockbluez import MockBlueZ
 from drivers.bthome.emulator import BTHomeEmulator
 from drivers.maxbotix.emulator import MaxbotixEmulator
+from drivers.modbus import EmulatedDevice, ModbusRtuEmulator, ModbusTcpEmulator
 from drivers.pms5003.emulator import Pms5003Emulator
 from drivers.ruuvi.emulator import RuuviEmulator
 from drivers.sds011.emulator import Sds011Emulator
@@ -28,6 +29,8 @@ DEMO_BTHOME_KEY = bytes.fromhex("231d39c1d7cc1ab1aee224cd096db932")
 
 #: a street bin: the sensor under the lid sees the bottom at 1.2 m and the fill line at 0.2 m
 BIN = {"empty_distance_m": 1.2, "full_distance_m": 0.2}
+#: an underground container: bottom at 2.5 m, fill line at 0.5 m
+DEEP_BIN = {"empty_distance_m": 2.5, "full_distance_m": 0.5}
 
 
 @dataclass(frozen=True)
@@ -43,7 +46,7 @@ def start_sensors(
 ) -> tuple[list[DemoSensor], dict[str, str]]:
     """Start every emulator; return the sensors and the environment the agent needs."""
     bluez = stack.enter_context(MockBlueZ(export_env=False))
-    sensors = _serial(stack) + _ble(stack, bluez)
+    sensors = _serial(stack) + _modbus(stack) + _ble(stack, bluez)
     return sensors, bluez.environ()
 
 
@@ -90,6 +93,56 @@ def _serial(stack: contextlib.ExitStack) -> list[DemoSensor]:
             "a02yyuw",
             f"DFRobot A02YYUW ultrasonic under a bin lid (fill level), on {bin_2.port}",
             {"driver": "a02yyuw", "port": bin_2.port, "bin": BIN},
+        ),
+    ]
+
+
+def _modbus(stack: contextlib.ExitStack) -> list[DemoSensor]:
+    """An RS-485 bus with an energy meter and a CO2 sensor (RTU), and a TCP distance sensor."""
+    rtu = stack.enter_context(
+        ModbusRtuEmulator(
+            [EmulatedDevice("sdm120", 1, seed=9), EmulatedDevice("senseair_s8", 2, seed=10)],
+            baud=9600,
+        )
+    )
+    tcp = stack.enter_context(ModbusTcpEmulator([EmulatedDevice("urm13", 13, seed=11)]))
+    return [
+        DemoSensor(
+            "meter_1",
+            "modbus",
+            f"Eastron SDM120 energy meter, Modbus RTU unit 1 at 9600 baud, on {rtu.port}",
+            {
+                "driver": "modbus",
+                "port": rtu.port,
+                "profile": "sdm120",
+                "baud": 9600,
+                "period_s": 2.0,
+            },
+        ),
+        DemoSensor(
+            "co2_1",
+            "modbus",
+            f"Senseair S8 CO2 sensor, unit 2 on the same RS-485 bus ({rtu.port})",
+            {
+                "driver": "modbus",
+                "port": rtu.port,
+                "profile": "senseair_s8",
+                "baud": 9600,
+                "unit_id": 2,
+                "period_s": 2.0,
+            },
+        ),
+        DemoSensor(
+            "bin_3",
+            "modbus",
+            f"DFRobot URM13 ultrasonic over Modbus TCP (fill level), at {tcp.port}",
+            {
+                "driver": "modbus",
+                "port": tcp.port,
+                "profile": "urm13",
+                "period_s": 1.0,
+                "bin": DEEP_BIN,
+            },
         ),
     ]
 

@@ -165,8 +165,8 @@ def test_demo_ends_with_nothing_lost_and_nothing_failed(tmp_path: Path) -> None:
     assert summary["lost"] == 0
     assert summary["failed_verification"] == 0
     assert summary["readings_received"] + summary["still_spooled"] == summary["accepted"]
-    # every family shows up live: serial, BLE (and Modbus once it is there)
+    # every family shows up live: serial, Modbus (RTU and TCP), BLE
     assert set(summary["families"].values()) >= {
-        "pms5003", "sds011", "sps30", "maxbotix", "a02yyuw", "ruuvi", "bthome"
+        "pms5003", "sds011", "sps30", "maxbotix", "a02yyuw", "modbus", "ruuvi", "bthome"
     }  # fmt: skip
     assert all(summary["per_sensor"].get(sid, 0) > 0 for sid in summary["families"])
