@@ -233,7 +233,7 @@ def _spool(table: Table, state_dir: Path) -> SpoolConfig:
     path = table.path("path", state_dir / "spool.sqlite", base=state_dir)
     budget_bytes = table.integer("budget_bytes", 64 * _MIB, _MIB, None)
     commit_interval_s = table.number("commit_interval_s", 0.5, at_most=10.0)
-    batch_max_readings = table.integer("batch_max_readings", 200, 1, 10000)
+    batch_max_readings = table.integer("batch_max_readings", 500, 1, 10000)
     batch_interval_s = table.number("batch_interval_s", 2.0, at_most=3600.0)
     table.finish()
     return SpoolConfig(

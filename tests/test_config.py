@@ -128,7 +128,7 @@ def test_minimal_config_gets_the_documented_defaults(tmp_path: Path) -> None:
         path=Path("/var/lib/citygate/spool.sqlite"),
         budget_bytes=64 * 1024 * 1024,
         commit_interval_s=0.5,
-        batch_max_readings=200,
+        batch_max_readings=500,
         batch_interval_s=2.0,
     )
     assert config.sensors == ()
