@@ -329,6 +329,16 @@ class Table:
             self.problem(key, f"must be one of: {', '.join(choices)}; got {value!r}")
         return str(value)
 
+    def boolean(self, key: str, default: bool) -> bool:
+        self.read.append(key)
+        if key not in self.data:
+            return default
+        value = self.data[key]
+        if not isinstance(value, bool):
+            self.problem(key, f"expected true or false, got {describe_type(value)}")
+            return default
+        return value
+
     def integer(self, key: str, default: int, low: int, high: int | None) -> int:
         value = self._take(key, False, "an integer", (int,))
         if value is None:

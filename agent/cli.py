@@ -34,16 +34,25 @@ def _configure_logging(level: str) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from agent.service import run_service
+    from agent.service import PlaintextRefused, run_service
 
     config = load_config(Path(args.config))
     _configure_logging(args.log_level or config.gateway.log_level)
-    run_service(config)
+    try:
+        run_service(config, allow_plaintext=args.insecure_plaintext_for_development)
+    except PlaintextRefused as exc:
+        raise CommandError(str(exc)) from None
     return 0
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
     config = load_config(Path(args.file), check_devices=True)
+    if not config.broker.tls:
+        print(
+            f"{args.file}: warning: broker.tls = false: plaintext MQTT, refused by `citygate run` "
+            "unless started with --insecure-plaintext-for-development",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps({"ok": True, "file": args.file, "sensors": len(config.sensors)}))
     else:
@@ -94,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the gateway service")
     run.add_argument("--config", required=True, help="the gateway's TOML config file")
     run.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    run.add_argument(
+        "--insecure-plaintext-for-development",
+        action="store_true",
+        help="allow broker.tls = false (plaintext MQTT) on a development bench; never in the field",
+    )
     run.set_defaults(handler=_cmd_run)
 
     config = sub.add_parser("config", help="work with config files")

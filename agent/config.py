@@ -62,6 +62,9 @@ class BrokerConfig:
     connect_timeout_s: float
     backoff_initial_s: float
     backoff_max_s: float
+    # false asks for plaintext MQTT: refused unless the agent is started with
+    # --insecure-plaintext-for-development (and then loudly reported)
+    tls: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +215,7 @@ def _broker(table: Table) -> BrokerConfig:
     connect_timeout_s = table.number("connect_timeout_s", 10.0, at_most=300.0)
     initial = table.number("backoff_initial_s", 0.5, at_most=3600.0)
     maximum = table.number("backoff_max_s", 60.0, at_most=86400.0)
+    tls = table.boolean("tls", True)
     if table.ok("backoff_initial_s", "backoff_max_s") and maximum < initial:
         table.problem(
             "backoff_max_s", f"must be at least backoff_initial_s ({initial:g}), got {maximum:g}"
@@ -226,6 +230,7 @@ def _broker(table: Table) -> BrokerConfig:
         connect_timeout_s=connect_timeout_s,
         backoff_initial_s=initial,
         backoff_max_s=maximum,
+        tls=tls,
     )
 
 

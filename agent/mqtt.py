@@ -66,7 +66,7 @@ class SessionSettings:
     host: str
     port: int
     client_id: str
-    tls: ssl.SSLContext
+    tls: ssl.SSLContext | None  # None only for the development plaintext mode
     keepalive_s: int = 30
     connect_timeout_s: float = 10.0
     inflight: int = 16
@@ -104,7 +104,8 @@ class Session:
             protocol=MQTTProtocolVersion.MQTTv5,
             reconnect_on_failure=False,
         )
-        client.tls_set_context(settings.tls)
+        if settings.tls is not None:
+            client.tls_set_context(settings.tls)
         client.connect_timeout = settings.connect_timeout_s
         # paho must never queue on its own: our window is the only queue
         client.max_inflight_messages_set(settings.inflight + 1)

@@ -113,7 +113,7 @@ class Service:
             host=broker.host,
             port=broker.port,
             client_id=identity.gateway_id,
-            tls=client_context(identity),
+            tls=client_context(identity) if broker.tls else None,
             keepalive_s=broker.keepalive_s,
             connect_timeout_s=broker.connect_timeout_s,
             inflight=broker.inflight,
@@ -245,8 +245,28 @@ class Service:
             log.error("spool at shutdown: %s", exc)
 
 
-def run_service(config: Config) -> None:
+class PlaintextRefused(Exception):
+    """The config asks for plaintext MQTT and the development flag was not given."""
+
+
+PLAINTEXT_FLAG = "--insecure-plaintext-for-development"
+
+
+def run_service(config: Config, *, allow_plaintext: bool = False) -> None:
     """Run until SIGTERM/SIGINT. Raises IdentityError before starting anything if unfit."""
+    if not config.broker.tls:
+        if not allow_plaintext:
+            raise PlaintextRefused(
+                f"{config.source}: broker.tls = false asks for plaintext MQTT, which is refused: "
+                f"set tls = true, or for a development bench start with {PLAINTEXT_FLAG}"
+            )
+        log.error(
+            "INSECURE: plaintext MQTT to %s:%d (development flag %s); telemetry is still "
+            "signed but the link is neither encrypted nor authenticated. Never in the field.",
+            config.broker.host,
+            config.broker.port,
+            PLAINTEXT_FLAG,
+        )
     identity = load_identity(config.identity.key, config.identity.cert, config.identity.ca)
     service = Service(config, identity)
 

@@ -109,6 +109,8 @@ class Uplink:
                 attempt = 0
                 self.counters.connects += 1
                 log.info("connected to %s:%d as %s", s.host, s.port, s.client_id)
+                if s.tls is None:
+                    log.error("INSECURE: this MQTT session is plaintext (development only)")
                 self._set(session)
                 reason = await session.lost
                 self._set(None)

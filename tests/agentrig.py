@@ -13,7 +13,7 @@ import sqlite3
 import subprocess
 import sys
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -61,16 +61,17 @@ def citygate(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str
 class AgentProcess:
     """`citygate run` in a subprocess, its output in a log file."""
 
-    def __init__(self, config: Path, log: Path) -> None:
+    def __init__(self, config: Path, log: Path, *, args: Sequence[str] = ()) -> None:
         self.config = config
         self.log = log
+        self.args = list(args)  # extra `citygate run` arguments
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
         with self.log.open("ab") as out:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "agent.cli", "run", "--config", str(self.config),
-                stdout=out, stderr=out,
+                *self.args, stdout=out, stderr=out,
             )  # fmt: skip
 
     async def kill(self) -> None:
