@@ -36,6 +36,7 @@ from provisioning.identity_tools import (
 )
 from provisioning.labca import LabCaError, certificate_pem, init_ca, load_ca, read_csr, sign_csr
 from provisioning.pki import PkiError, write_file_atomically
+from provisioning.seed import register_seed
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -74,6 +75,7 @@ def register(sub: Any) -> None:
     _add_csr(actions)
     _add_install(actions)
     _add_ca(actions)
+    register_seed(actions)
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:

@@ -29,12 +29,21 @@ have systemd-nspawn || missing+=(systemd-container)
 # the MicroPython ring runs the WebAssembly port under Node.js
 have node || missing+=(nodejs)
 have npm || missing+=(npm)
+# the first-boot seed's tests: cloud-init checks and boots the seed (cloud-init schema,
+# devel net-convert), netplan renders its network-config (netplan generate --root-dir)
+have cloud-init || missing+=(cloud-init)
+have netplan || missing+=(netplan.io)
 
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing Debian packages: ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
+    # cloud-init is here for its tools: it must never configure this machine at a later boot
+    # (its systemd generator honours this file; a cloud-init already in use is not touched)
+    if [[ " ${missing[*]} " == *" cloud-init "* ]]; then
+        mkdir -p /etc/cloud && touch /etc/cloud/cloud-init.disabled
+    fi
     apt-get update -qq >/dev/null
     apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     exit 0
