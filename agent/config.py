@@ -35,7 +35,7 @@ _TOPIC_LEVEL = re.compile(r"[A-Za-z0-9._-]+")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 _TOML_AT_END = re.compile(r"\s*\(at end of document\)$")
-_TABLES = ("gateway", "identity", "broker", "spool", "sensors")
+_TABLES = ("gateway", "identity", "broker", "spool", "rotation", "sensors")
 _MIB = 1 << 20
 
 
@@ -77,6 +77,15 @@ class SpoolConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class RotationConfig:
+    """Automatic certificate renewal (agent.rotation)."""
+
+    renew: bool = True  # false: never renew automatically
+    renew_at_fraction: float = 0.667
+    reply_timeout_s: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
 class BinGeometry:
     """Where an ultrasonic sensor on a bin's lid sees the bottom (empty) and the top (full)."""
 
@@ -100,6 +109,7 @@ class Config:
     broker: BrokerConfig
     spool: SpoolConfig
     sensors: tuple[SensorConfig, ...]
+    rotation: RotationConfig = RotationConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +260,16 @@ def _spool(table: Table, state_dir: Path) -> SpoolConfig:
     )
 
 
+def _rotation(table: Table) -> RotationConfig:
+    renew = table.boolean("renew", True)
+    fraction = table.number("renew_at_fraction", 0.667, at_most=0.95)
+    if table.ok("renew_at_fraction") and fraction < 0.1:
+        table.problem("renew_at_fraction", f"must be at least 0.1, got {fraction:g}")
+    reply_timeout_s = table.number("reply_timeout_s", 60.0, at_most=3600.0)
+    table.finish()
+    return RotationConfig(renew=renew, renew_at_fraction=fraction, reply_timeout_s=reply_timeout_s)
+
+
 def _driver(report: Report, where: KeyPath, raw: Mapping[str, Any]) -> DriverFamily | None:
     """The family named by the sensor table's `driver` key, or None (after reporting)."""
     driver = raw.get("driver")
@@ -385,6 +405,7 @@ def load_config(path: Path, *, check_devices: bool = False) -> Config:
     identity = _identity(_table(report, data, "identity"), config_dir)
     broker = _broker(_table(report, data, "broker"))
     spool = _spool(_table(report, data, "spool"), gateway.state_dir)
+    rotation = _rotation(_table(report, data, "rotation"))
     sensors = _sensors(report, data.get("sensors"))
     if check_devices:
         _check_devices(report, identity, data.get("sensors"))
@@ -403,4 +424,5 @@ def load_config(path: Path, *, check_devices: bool = False) -> Config:
         broker=broker,
         spool=spool,
         sensors=sensors,
+        rotation=rotation,
     )

@@ -177,7 +177,12 @@ class Session:
         while True:
             getter = asyncio.ensure_future(self._messages.get())
             waiters: set[asyncio.Future[Any]] = {getter, self.lost}
-            done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            try:
+                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                # a caller that stops waiting (a timeout) must not leave a getter behind:
+                # it would swallow the next message
+                getter.cancel()
             if getter in done:
                 yield getter.result()
                 continue

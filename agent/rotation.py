@@ -24,9 +24,9 @@ the key is replaced before the certificate, and `recover_identity`, called
 before the agent loads its identity, finishes a swap that a power cut
 interrupted. At no moment is there no working key and certificate pair.
 
-Trust: replies are untrusted until `load_identity` accepts the certificate for
-the staged key and the configured CA bundle; the registrar is trusted only
-through the broker's ACL (it alone may write the reply topics) and that check.
+Trust: a reply is untrusted until `load_identity` accepts its certificate for
+the staged key and the configured CA bundle. The broker's ACL lets only the
+registrar (and the gateway itself) write a gateway's reply topic.
 """
 
 from __future__ import annotations
@@ -319,9 +319,8 @@ def expiry_warning(cert: x509.Certificate, now: datetime, *, days: int = WARN_DA
     if left.days >= days:
         return None
     return (
-        f"the gateway certificate expires on {end} ({left.days} days left): it is renewed "
-        "automatically when the registrar answers; otherwise renew it by hand "
-        "(docs/technician.md)"
+        f"the gateway certificate expires on {end} ({left.days} days left): automatic renewal "
+        "keeps trying unless [rotation] renew = false; to renew by hand see docs/technician.md"
     )
 
 
@@ -578,7 +577,7 @@ class Rotation:
         return min(wait, CHECK_EVERY_S)
 
     async def run(self) -> None:
-        if self.staged_identity() is not None:
+        if self._enabled and self.staged_identity() is not None:
             log.info("a renewed certificate is staged: switching to it")
             self.staged.set()
             return

@@ -8,7 +8,14 @@ anything else starts), opens the spool, and runs under one TaskGroup:
   `commit_interval_s` and packs full batches (or a partial one every
   `batch_interval_s`) into signed outbox messages;
 - the uplink, which keeps an MQTT session up;
-- the outbox sender.
+- the outbox sender;
+- the certificate rotation (agent.rotation), which warns before the certificate
+  expires and renews it in time.
+
+When the rotation has staged a renewed certificate, the service stops as for a
+stop request (without telling systemd it is stopping), `adopt_staged` tries the
+new credential and swaps it in if the broker accepts it, and the service starts
+again with whichever credential is now installed.
 
 A stop request (SIGTERM/SIGINT, or the `stop` event in tests) ends the
 drivers, commits and packs what they produced, gives the sender a bounded
@@ -35,6 +42,7 @@ from agent.envelope import encode_senml, seal, signer_for
 from agent.identity import Identity, load_identity
 from agent.mqtt import SessionSettings
 from agent.pipeline import Pipeline
+from agent.rotation import Rotation, adopt_staged, recover_identity
 from agent.spool import Spool, SpoolError
 from agent.state import Inventory, open_state
 from agent.systemd import Notifier, keep_alive
@@ -136,6 +144,15 @@ class Service:
         self.pipeline = Pipeline(
             {s.sensor_id: s.bin for s in config.sensors if s.bin is not None}, self.spool.add
         )
+        self.rotation = Rotation(
+            identity,
+            prefix=broker.prefix,
+            sessions=self.uplink.session,
+            state_dir=config.gateway.state_dir,
+            enabled=config.rotation.renew and broker.tls,
+            renew_at_fraction=config.rotation.renew_at_fraction,
+            reply_timeout_s=config.rotation.reply_timeout_s,
+        )
         self.drivers: list[Driver] = [
             family(sensor.driver).create(sensor.sensor_id, sensor.options)
             for sensor in config.sensors
@@ -171,10 +188,16 @@ class Service:
                 uplink = group.create_task(self.uplink.run(), name="uplink")
                 sender = group.create_task(self.sender.run(), name="sender")
                 watchdog = group.create_task(keep_alive(notify, self.status_line), name="watchdog")
+                rotation = group.create_task(self.rotation.run(), name="rotation")
                 notify.ready(self.status_line())
-                await stop.wait()
-                notify.stopping("stopping: flushing the spool")
-                log.info("stopping: flushing the spool")
+                await _first_set(stop, self.rotation.staged)
+                if stop.is_set():
+                    notify.stopping("stopping: flushing the spool")
+                    log.info("stopping: flushing the spool")
+                else:  # a renewed certificate: restart with it; systemd must not see a stop
+                    notify.status("switching to the renewed certificate")
+                    log.info("restarting with the renewed certificate: flushing the spool")
+                rotation.cancel()
                 for task in [*driver_tasks, committer]:
                     task.cancel()
                 await asyncio.gather(*driver_tasks, committer, return_exceptions=True)
@@ -245,6 +268,15 @@ class Service:
             log.error("spool at shutdown: %s", exc)
 
 
+async def _first_set(*events: asyncio.Event) -> None:
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()
+
+
 class PlaintextRefused(Exception):
     """The config asks for plaintext MQTT and the development flag was not given."""
 
@@ -267,17 +299,26 @@ def run_service(config: Config, *, allow_plaintext: bool = False) -> None:
             config.broker.port,
             PLAINTEXT_FLAG,
         )
-    identity = load_identity(config.identity.key, config.identity.cert, config.identity.ca)
-    service = Service(config, identity)
+    paths = config.identity
+    recovered = recover_identity(paths.key, paths.cert)  # a swap a power cut interrupted
+    if recovered is not None:
+        log.warning("%s", recovered)
+    identity = load_identity(paths.key, paths.cert, paths.ca)
 
     async def main() -> None:
+        current = identity
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         notifier = Notifier.from_environment()
         try:
-            await service.run(stop, notifier)
+            while True:
+                service = Service(config, current)
+                await service.run(stop, notifier)
+                if stop.is_set() or not service.rotation.staged.is_set():
+                    return
+                current = await adopt_staged(config)
         finally:
             notifier.close()
 

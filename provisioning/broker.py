@@ -5,7 +5,15 @@ setup, though its config shows what production needs (DESIGN.md §4, §7):
 client certificates required, the certificate's CN is the username and the
 client id, no anonymous access, and an ACL under which a gateway may write
 only below `<prefix>/<its id>/` and read only its own command topics. The
-verifier identities named at construction may read everything under the prefix.
+verifier identities named at construction may read everything under the prefix;
+the registrar identities may read every gateway's enrollment requests and
+answer them (docs/adr/0005).
+
+With `claim_ca`, a second listener (the enrollment listener) accepts only
+certificates of that claim CA, and its own ACL lets a claim certificate do
+nothing but publish its gateway's enrollment request and read the reply. With
+`crl`, the main listener refuses revoked certificates; `reload` (SIGHUP) makes
+mosquitto read the CRL again.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import getpass
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -43,15 +52,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def acl_text(prefix: str, readers: Sequence[str]) -> str:
+def acl_text(prefix: str, readers: Sequence[str], registrars: Sequence[str] = ()) -> str:
     lines = [f"user {name}\ntopic read {prefix}/#\n" for name in readers]
+    lines.extend(
+        f"user {name}\ntopic read {prefix}/+/enroll/request\ntopic write {prefix}/+/enroll/reply\n"
+        for name in registrars
+    )
     lines.append(
         "# every other client: its own subtree only (%u = certificate CN)\n"
         f"pattern write {prefix}/%u/#\n"
         f"pattern read {prefix}/%u/cmd/#\n"
         f"pattern read {prefix}/%u/ota/offer\n"
+        f"pattern read {prefix}/%u/enroll/reply\n"
     )
     return "\n".join(lines)
+
+
+def claim_acl_text(prefix: str) -> str:
+    """The enrollment listener: a claim certificate may only ask for its gateway's certificate."""
+    return (
+        "# claim certificates (CN = gateway id): nothing but enrollment\n"
+        f"pattern write {prefix}/%u/enroll/request\n"
+        f"pattern read {prefix}/%u/enroll/reply\n"
+    )
 
 
 class LabBroker:
@@ -66,7 +89,10 @@ class LabBroker:
         server_key: Path,
         prefix: str = "citygate",
         readers: Sequence[str] = ("verifier",),
+        registrars: Sequence[str] = (),
         port: int | None = None,
+        crl: Path | None = None,
+        claim_ca: Path | None = None,
     ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
@@ -76,32 +102,52 @@ class LabBroker:
         self._key = server_key
         self._prefix = prefix
         self._readers = tuple(readers)
+        self._registrars = tuple(registrars)
+        self._crl = crl
+        self._claim_ca = claim_ca
+        self.claim_port = free_port() if claim_ca is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
         self.log_path = workdir / "mosquitto.log"
 
     def write_config(self) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)
         acl = self.workdir / "mosquitto.acl"
-        acl.write_text(acl_text(self._prefix, self._readers))
+        acl.write_text(acl_text(self._prefix, self._readers, self._registrars))
+        claim = self._claim_ca is not None
         conf = self.workdir / "mosquitto.conf"
-        conf.write_text(
-            f"per_listener_settings false\n"
-            f"allow_anonymous false\n"
+        text = (
+            f"per_listener_settings {'true' if claim else 'false'}\n"
             f"persistence true\n"
             f"persistence_location {self.workdir}/\n"
             f"user {getpass.getuser()}\n"
             f"log_dest file {self.log_path}\n"
             f"log_type error\nlog_type warning\nlog_type notice\n"
-            f"acl_file {acl}\n"
-            f"listener {self.port} {self.host}\n"
-            f"cafile {self._ca}\n"
+            + ("" if claim else f"allow_anonymous false\nacl_file {acl}\n")
+            + f"listener {self.port} {self.host}\n"
+            + (f"allow_anonymous false\nacl_file {acl}\n" if claim else "")
+            + self._tls_lines(self._ca)
+            + (f"crlfile {self._crl}\n" if self._crl is not None else "")
+        )
+        if self._claim_ca is not None:
+            claim_acl = self.workdir / "mosquitto-claim.acl"
+            claim_acl.write_text(claim_acl_text(self._prefix))
+            text += (
+                f"# the enrollment listener: claim certificates only\n"
+                f"listener {self.claim_port} {self.host}\n"
+                f"allow_anonymous false\nacl_file {claim_acl}\n" + self._tls_lines(self._claim_ca)
+            )
+        conf.write_text(text)
+        return conf
+
+    def _tls_lines(self, ca: Path) -> str:
+        return (
+            f"cafile {ca}\n"
             f"certfile {self._cert}\n"
             f"keyfile {self._key}\n"
             f"require_certificate true\n"
             f"use_identity_as_username true\n"
             f"use_username_as_clientid true\n"
         )
-        return conf
 
     def start(self, timeout_s: float = 10.0) -> None:
         conf = self.write_config()
@@ -139,6 +185,11 @@ class LabBroker:
     def restart(self) -> None:
         self.stop()
         self.start()
+
+    def reload(self) -> None:
+        """SIGHUP: mosquitto reads its ACL files, certificates and CRL again."""
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGHUP)
 
     def session_settings(
         self, cert: Path, key: Path, ca: Path, *, client_id: str, persistent: bool = False

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.identity import gateway_id_of
+from provisioning.enroll import register_enroll
 from provisioning.identity_tools import (
     DEFAULT_CONFIG,
     DEFAULT_KEY_NAME,
@@ -36,6 +37,7 @@ from provisioning.identity_tools import (
 )
 from provisioning.labca import LabCaError, certificate_pem, init_ca, load_ca, read_csr, sign_csr
 from provisioning.pki import PkiError, write_file_atomically
+from provisioning.registrar import register_registrar
 from provisioning.seed import register_seed
 
 Handler = Callable[[argparse.Namespace], int]
@@ -76,6 +78,8 @@ def register(sub: Any) -> None:
     _add_install(actions)
     _add_ca(actions)
     register_seed(actions)
+    register_enroll(actions)
+    register_registrar(actions)
 
 
 def _config_option(parser: argparse.ArgumentParser) -> None:
