@@ -3,7 +3,8 @@
 In order: the config; the identity (key permissions, key and certificate
 matching, issued by the configured CA) and the certificate's dates; the clock;
 the broker step by step (DNS, TCP, TLS, MQTT login with this gateway's
-certificate); every sensor's serial port; free disk for the spool; the spool's
+certificate); every sensor's serial port and a real test read through its
+driver (only while the agent is stopped); free disk for the spool; the spool's
 backlog. Each line is `ok`, `warn`, `fail` or `skip` (not tried because an
 earlier check failed); every line that is not ok says what to do. `--json`
 prints the same as one JSON object for tools. Exit status 0 when no check
@@ -35,6 +36,7 @@ from provisioning.identity_tools import DEFAULT_CONFIG
 from provisioning.procscan import running_agents
 
 DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_SENSOR_TIMEOUT_S = 10.0
 _COLOURS = {Status.OK: "32", Status.WARN: "33", Status.FAIL: "1;31", Status.SKIP: "2"}
 _LABELS = {Status.OK: "ok", Status.WARN: "WARN", Status.FAIL: "FAIL", Status.SKIP: "skip"}
 
@@ -61,10 +63,19 @@ def register(sub: Any) -> None:
         default=DEFAULT_TIMEOUT_S,
         help=f"seconds for each network step (default: {DEFAULT_TIMEOUT_S:g})",
     )
+    parser.add_argument(
+        "--sensor-timeout",
+        type=float,
+        default=DEFAULT_SENSOR_TIMEOUT_S,
+        help="seconds to wait for each sensor's first reading (longer for a sensor polled "
+        f"more slowly) (default: {DEFAULT_SENSOR_TIMEOUT_S:g})",
+    )
     parser.set_defaults(handler=_run)
 
 
-def run_checks(config_path: Path, timeout: float) -> list[Check]:
+def run_checks(
+    config_path: Path, timeout: float, sensor_timeout: float = DEFAULT_SENSOR_TIMEOUT_S
+) -> list[Check]:
     """Every check, in the order a technician should read them."""
     config_check, config = check_config(config_path)
     checks = [config_check]
@@ -80,7 +91,7 @@ def run_checks(config_path: Path, timeout: float) -> list[Check]:
     checks += identity_checks
     checks.append(check_clock(config, config_path, identity))
     checks += asyncio.run(check_broker(config, identity, timeout, agents))
-    checks += check_sensors(config, agents)
+    checks += check_sensors(config, agents, sensor_timeout)
     checks.append(check_disk(config))
     checks.append(check_spool(config))
     return checks
@@ -130,7 +141,7 @@ def render_json(checks: Sequence[Check]) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    checks = run_checks(Path(args.config), args.timeout)
+    checks = run_checks(Path(args.config), args.timeout, args.sensor_timeout)
     text = render_json(checks) if args.json else render_text(checks, colour=_use_colour())
     try:
         print(text, flush=True)

@@ -5,28 +5,37 @@ running agent; it is opened exclusively (pyserial's flock, the same lock the
 agent takes), so the doctor never opens a port the agent holds, and closed at
 once. A port held by another program (a stray terminal program, a login
 console on the UART) is a fault: the sensor's bytes would be split between
-two readers. The spool is opened read-only, so this is safe while the agent
-runs. The judgements are pure functions of values (`judge_*`).
+two readers. When the agent is not running, each sensor is then read for real:
+its driver runs (all sensors at once) until its first reading or a timeout,
+and is always cancelled; a sensor without a local port (BLE, Modbus TCP) is
+read the same way, or skipped while the agent runs (the agent reads it). The
+spool is opened read-only, so this is safe while the agent runs. The
+judgements are pure functions of values (`judge_*`).
 
 Trust: the config as `agent.config` checked it; /proc as the kernel reports it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import logging
 import os
 import shutil
 import sqlite3
 import stat
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import serial
 
-from agent.config import Config
+from agent.config import Config, SensorConfig
+from drivers import Reading, family
 from provisioning.doctor_checks import Check, Status
 from provisioning.identity_tools import SERVICE_USER
 from provisioning.procscan import Process, holders
@@ -138,21 +147,102 @@ def check_port(sensor_id: str, driver: str, port: str, agents: list[Process]) ->
     return Check(name, Status.OK, f"{driver} port {port} is present and free")
 
 
-def check_sensors(config: Config, agents: list[Process]) -> list[Check]:
+def read_limit(sensor: SensorConfig, timeout: float) -> float:
+    """`timeout`, or longer for a sensor that is polled slowly (or warms up before a read)."""
+    opts = sensor.options
+    period = getattr(opts, "poll_interval_s", None)
+    if not isinstance(period, int | float):
+        return timeout
+    warmup = getattr(opts, "warmup_s", 0.0) if getattr(opts, "sleep_between_reads", False) else 0.0
+    return max(timeout, float(period) + float(warmup) + 1.0)
+
+
+def _read_hint(port: str | None) -> str:
+    if port is None:
+        return (
+            "check that the sensor is powered and in range, and that bluetooth runs "
+            "(systemctl status bluetooth)"
+        )
+    if port.startswith("tcp://"):
+        return f"check that the device answers at {port} (network, power, unit address)"
+    return "check the sensor's wiring and power, and its baud rate in the config"
+
+
+async def read_once(sensor: SensorConfig, port: str | None, wait_s: float) -> Check:
+    """Run the sensor's real driver until its first reading (ok) or `wait_s` (FAIL)."""
+    name = f"sensor {sensor.sensor_id}"
+    where = f"{sensor.driver} on {port}" if port else sensor.driver
+    try:
+        driver = family(sensor.driver).create(sensor.sensor_id, sensor.options)
+    except Exception as exc:  # a driver that cannot even start is that sensor's failure
+        return Check(name, Status.FAIL, f"{where}: the driver did not start ({exc})")
+    first: asyncio.Future[Reading] = asyncio.get_running_loop().create_future()
+
+    def emit(readings: Sequence[Reading]) -> None:
+        if readings and not first.done():
+            first.set_result(readings[0])
+
+    task = asyncio.create_task(driver.run(emit))
+    limit = read_limit(sensor, wait_s)
+    try:
+        waiting: set[asyncio.Future[Any]] = {first, task}
+        await asyncio.wait(waiting, timeout=limit, return_when=asyncio.FIRST_COMPLETED)
+        state = driver.state()  # before the cancel, which makes every driver say "stopped"
+    finally:
+        task.cancel()
+        await asyncio.wait({task}, timeout=2.0)
+    if first.done():
+        r = first.result()
+        return Check(name, Status.OK, f"{where} answered: {r.quantity} {r.value:g} {r.unit}")
+    failure = task.exception() if task.done() and not task.cancelled() else None
+    reason = str(failure) if failure is not None else state.reason
+    if reason == "not started":  # the driver never heard from the device
+        reason = "nothing received from the sensor"
+    return Check(
+        name,
+        Status.FAIL,
+        f"{where}: no reading within {limit:g} s ({reason})",
+        _read_hint(port),
+    )
+
+
+async def _read_all(
+    reads: dict[int, tuple[SensorConfig, str | None]], wait_s: float
+) -> list[Check]:
+    return list(await asyncio.gather(*(read_once(s, p, wait_s) for s, p in reads.values())))
+
+
+def check_sensors(config: Config, agents: list[Process], read_timeout: float) -> list[Check]:
+    """Each sensor's port (see check_port), then, with the agent stopped, a real test read."""
     ports = _sensor_ports(config)
-    checks = []
+    checks: list[Check] = []
+    reads: dict[int, tuple[SensorConfig, str | None]] = {}
     for sensor in config.sensors:
         port = ports.get(sensor.sensor_id)
-        if port is None or not port.startswith("/"):
-            checks.append(
-                Check(
-                    f"sensor {sensor.sensor_id}",
-                    Status.SKIP,
-                    f"{sensor.driver}: no serial port to check",
-                )
+        if port is not None and port.startswith("/"):
+            check = check_port(sensor.sensor_id, sensor.driver, port, agents)
+            if check.status is Status.OK and not agents:
+                reads[len(checks)] = (sensor, port)
+        elif agents:
+            check = Check(
+                f"sensor {sensor.sensor_id}",
+                Status.SKIP,
+                f"{sensor.driver}: not read, the running agent (pid {agents[0].pid}) reads it",
             )
         else:
-            checks.append(check_port(sensor.sensor_id, sensor.driver, port, agents))
+            reads[len(checks)] = (sensor, port)
+            check = Check(f"sensor {sensor.sensor_id}", Status.SKIP, "not read")
+        checks.append(check)
+    if reads:
+        quiet = logging.getLogger("drivers")  # the result is the check's line, not driver logs
+        level = quiet.level
+        quiet.setLevel(logging.CRITICAL)
+        try:
+            results = asyncio.run(_read_all(reads, read_timeout))
+        finally:
+            quiet.setLevel(level)
+        for index, result in zip(reads, results, strict=True):
+            checks[index] = result
     return checks
 
 

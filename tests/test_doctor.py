@@ -8,6 +8,7 @@ pure functions and are checked here with fixed values.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -26,9 +27,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 
+from agent.cli import main as cli_main
 from agent.keys import PrivateKey
 from agent.spool import Spool
 from drivers.base import Reading
+from drivers.pms5003.emulator import Pms5003Emulator
 from provisioning.broker import LabBroker
 from provisioning.doctor_checks import Status, judge_certificate, judge_clock
 from provisioning.doctor_device import SpoolDepth, judge_disk, judge_spool
@@ -133,6 +136,24 @@ def _doctor(config: Path, *extra: str) -> tuple[int, dict[str, tuple[str, str]],
     return result.returncode, lines, result.stdout
 
 
+def _doctor_here(
+    capsys: pytest.CaptureFixture[str], config: Path, *extra: str
+) -> tuple[int, dict[str, tuple[str, str]], str]:
+    """`_doctor`, but in this process: an emulated sensor keeps its pty's slave side open
+    in this process, which the doctor (rightly) ignores only for its own process."""
+    capsys.readouterr()
+    status = cli_main(["doctor", "--config", str(config), "--timeout", "3", *extra])
+    out, err = capsys.readouterr()
+    assert err == ""
+    lines: dict[str, tuple[str, str]] = {}
+    for line in out.splitlines():
+        state, _, rest = line.partition("  ")
+        if state.strip() in ("ok", "WARN", "FAIL", "skip"):
+            name, _, message = rest.strip().partition("  ")
+            lines[name] = (state.strip(), message.strip())
+    return status, lines, out
+
+
 @pytest.fixture
 def gateway(tmp_path: Path, lab: LabFiles) -> tuple[Path, Path, Path]:
     """A healthy gateway's identity files: key, a one-year certificate, and their paths."""
@@ -154,10 +175,14 @@ def test_doctor_has_help_that_explains_its_lines() -> None:
 
 
 def test_doctor_passes_on_a_healthy_gateway_and_logs_in_to_the_broker(
-    tmp_path: Path, gateway: tuple[Path, Path, Path], broker: LabBroker, pty_port: str
+    tmp_path: Path,
+    gateway: tuple[Path, Path, Path],
+    broker: LabBroker,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config = _config(tmp_path, *gateway, broker.port, {"air_1": pty_port})
-    status, lines, text = _doctor(config)
+    with Pms5003Emulator(period_s=0.2) as sensor:
+        config = _config(tmp_path, *gateway, broker.port, {"air_1": sensor.port})
+        status, lines, text = _doctor_here(capsys, config)
     assert status == 0, text
     assert [name for name, (s, _) in lines.items() if s == "FAIL"] == []
     expected_ok = ["config", "identity", "certificate", "broker dns", "broker tcp", "broker tls"]
@@ -166,18 +191,25 @@ def test_doctor_passes_on_a_healthy_gateway_and_logs_in_to_the_broker(
         "ok",
         "the broker accepted gateway gw-a (CONNACK) and we disconnected",
     )
-    assert lines["sensor air_1"] == ("ok", f"pms5003 port {pty_port} is present and free")
+    state, line = lines["sensor air_1"]
+    assert state == "ok", text
+    assert line.startswith(f"pms5003 on {sensor.port} answered: pm"), line
+    assert line.endswith(" ug/m3") or line.endswith(" #/0.1L"), line
     assert lines["spool"][0] == "ok"
     assert lines["disk"][0] == "ok"
 
 
 def test_doctor_json_lists_every_check_in_order_with_its_status(
-    tmp_path: Path, gateway: tuple[Path, Path, Path], broker: LabBroker, pty_port: str
+    tmp_path: Path,
+    gateway: tuple[Path, Path, Path],
+    broker: LabBroker,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    config = _config(tmp_path, *gateway, broker.port, {"air_1": pty_port})
-    result = citygate("doctor", "--config", str(config), "--json")
-    body = json.loads(result.stdout)
-    assert result.returncode == 0
+    with Pms5003Emulator(period_s=0.2) as sensor:
+        config = _config(tmp_path, *gateway, broker.port, {"air_1": sensor.port})
+        status, _, out = _doctor_here(capsys, config, "--json")
+    body = json.loads(out)
+    assert status == 0
     assert body["ok"] is True
     assert [c["name"] for c in body["checks"]] == [
         "config", "identity", "certificate", "clock", "broker dns", "broker tcp",
@@ -260,6 +292,54 @@ def test_doctor_fails_a_missing_serial_port(
         "pms5003 port /dev/ttyUSB-unplugged does not exist: check the sensor's cable and USB "
         "adapter (ls -l /dev/serial/by-id/), or fix sensors.bin_7.port in the config",
     )
+
+
+def test_doctor_fails_a_silent_sensor_by_a_real_test_read_and_names_it(
+    tmp_path: Path, gateway: tuple[Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with Pms5003Emulator(period_s=0.2) as sensor:
+        sensor.set_silent(True)
+        config = _config(tmp_path, *gateway, 1, {"air_1": sensor.port})
+        started = time.monotonic()
+        status, lines, text = _doctor_here(capsys, config, "--sensor-timeout", "2")
+    assert status == 1
+    state, line = lines["sensor air_1"]
+    assert state == "FAIL", text
+    # poll_interval_s 2.3 (the driver's default) + 1 s is longer than --sensor-timeout 2
+    assert line.startswith(
+        f"pms5003 on {sensor.port}: no reading within 3.3 s (nothing received from the sensor)"
+    ), line
+    assert line.endswith("check the sensor's wiring and power, and its baud rate in the config")
+    assert time.monotonic() - started < 15
+
+
+def _fill(path: Path) -> int:
+    """Write zeros to `path` until the disk refuses; the errno it refused with."""
+    with path.open("wb", buffering=0) as out:
+        while True:
+            try:
+                out.write(b"\0" * 4096)
+            except OSError as exc:
+                return exc.errno or 0
+
+
+def test_doctor_fails_a_full_disk_with_a_hint(
+    tmp_path: Path, gateway: tuple[Path, Path, Path]
+) -> None:
+    assert os.geteuid() == 0, "this test mounts a tmpfs: run it as root (CI does)"
+    state_dir = tmp_path / "state"
+    state_dir.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(state_dir)], check=True)
+    try:
+        assert _fill(state_dir / "filler") == errno.ENOSPC
+        status, lines, text = _doctor(_config(tmp_path, *gateway, 1))
+    finally:
+        subprocess.run(["umount", str(state_dir)], check=True)
+    assert status == 1
+    state, line = lines["disk"]
+    assert state == "FAIL", text
+    assert line.startswith(f"only 0.0 MiB free on {state_dir}: the spool cannot keep readings")
+    assert "journalctl --vacuum-size" in line
 
 
 def test_doctor_fails_a_port_another_program_holds_and_names_it(
