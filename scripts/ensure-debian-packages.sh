@@ -8,6 +8,10 @@ have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/sbin/$1" ] || [ -x "/sbin
 have mosquitto || missing+=(mosquitto)
 have openssl || missing+=(openssl)
 python3 -c 'import ensurepip, venv' >/dev/null 2>&1 || missing+=(python3-venv)
+# `make deb` builds the release with the distribution's own interpreter
+if [ -x /usr/bin/python3 ] && ! /usr/bin/python3 -c 'import ensurepip, venv' >/dev/null 2>&1; then
+    missing+=(python3-venv)
+fi
 # the mock BlueZ of the BLE tests: a private dbus-daemon, and dbus-python built from source
 have dbus-daemon || missing+=(dbus)
 have pkg-config || missing+=(pkg-config)
