@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
 
+from agent import version
 from agent.config import ConfigError, load_config
 from agent.identity import IdentityError
 from agent.logging_setup import configure_logging
@@ -97,7 +98,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="citygate", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"citygate {_version()}")
+    parser.add_argument("--version", action="version", version=f"citygate {version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the gateway service")
@@ -139,13 +140,6 @@ def build_parser() -> argparse.ArgumentParser:
         register = entry.load()
         register(sub)
     return parser
-
-
-def _version() -> str:
-    try:
-        return metadata.version("citygate")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

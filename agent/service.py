@@ -33,9 +33,9 @@ import os
 import signal
 import time
 from collections.abc import Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 
+from agent import version
 from agent.backoff import Backoff
 from agent.config import Config
 from agent.envelope import encode_senml, seal, signer_for
@@ -68,13 +68,6 @@ def _write_json(path: Path, data: Mapping[str, object]) -> None:
         os.replace(tmp, path)
     except OSError as exc:
         log.warning("cannot write %s: %s", path, exc)
-
-
-def version() -> str:
-    try:
-        return metadata.version("citygate")
-    except metadata.PackageNotFoundError:
-        return "0+unknown"
 
 
 def topics(prefix: str, gateway_id: str) -> dict[str, str]:
