@@ -21,8 +21,6 @@ bytes from the port are unverified until the codec accepts a frame.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -311,7 +309,7 @@ class Sds011Protocol(BaseProtocol):
 
     # -- shutdown ------------------------------------------------------------------------
 
-    def park(self, link: SerialLink) -> None:
+    async def park(self, link: SerialLink) -> None:
         """On stop: a sensor we put to sleep between polls is left asleep."""
         if self.opts.sleep_between_polls:
             link.write(codec.set_working(work=False))
@@ -332,18 +330,8 @@ class Sds011Driver:
         return self._serial.state()
 
     async def run(self, emit: Emit) -> None:
-        inner = asyncio.create_task(self._serial.run(emit), name=f"sds011-{self.sensor_id}")
-        try:
-            await asyncio.wait([inner])
-        except asyncio.CancelledError:
-            link = self._serial.link
-            if link is not None:
-                self.protocol.park(link)
-            inner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await inner
-            raise
-        inner.result()  # only a bug ends the serial driver
+        # on cancel, the serial core awaits protocol.park (sleep if we sleep between polls)
+        await self._serial.run(emit)
 
 
 class Sds011Family:

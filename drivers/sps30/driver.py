@@ -19,7 +19,6 @@ bytes from the port are unverified until the codec accepts a frame.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -36,7 +35,6 @@ OUTPUTS = {"float": codec.FORMAT_FLOAT, "uint16": codec.FORMAT_UINT16}
 REPLY_TIMEOUT_S = 0.5  # a reply is a few ms of wire time at 115200 baud
 TRIES = 3
 RESTART_S = 5.0  # after a refused start, try the start-up again this much later
-PARK_TIMEOUT_S = 1.0  # on stop: how long to wait for the stop and sleep replies
 NO_REPLY = -1  # the state passed to a reply handler when the sensor did not answer
 _KNOWN = ("port", "baud", "output", "poll_interval_s", "silence_timeout_s", "sleep_on_stop")
 
@@ -292,13 +290,15 @@ class Sps30Protocol(BaseProtocol):
 
     # -- shutdown ------------------------------------------------------------------------
 
-    def park(self, link: SerialLink, done: Callable[[], None]) -> None:
-        """Stop the measurement (and sleep); call `done` once the sensor has answered."""
-        self._parked = done
+    async def park(self, link: SerialLink) -> None:
+        """Stop the measurement (and sleep); return once the sensor has answered."""
+        parked = asyncio.Event()
+        self._parked = parked.set
         self._queue.clear()
         self._inflight = None
         self._ask(codec.CMD_STOP, b"", self._on_stopped, optional=True)
         self._kick(link)
+        await parked.wait()
 
     def _on_stopped(self, _state: int, _payload: bytes) -> None:
         self.measuring = False
@@ -331,27 +331,8 @@ class Sps30Driver:
         return self._serial.state()
 
     async def run(self, emit: Emit) -> None:
-        inner = asyncio.create_task(self._serial.run(emit), name=f"sps30-{self.sensor_id}")
-        try:
-            await asyncio.wait([inner])
-        except asyncio.CancelledError:
-            try:
-                await self._park()
-            finally:
-                inner.cancel()
-                await asyncio.gather(inner, return_exceptions=True)
-            raise
-        inner.result()  # only a bug ends the serial driver
-
-    async def _park(self) -> None:
-        """Leave the sensor stopped (and asleep), waiting at most PARK_TIMEOUT_S."""
-        link = self._serial.link
-        if link is None:
-            return
-        parked = asyncio.Event()
-        self.protocol.park(link, parked.set)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(parked.wait(), PARK_TIMEOUT_S)
+        # on cancel, the serial core awaits protocol.park: stop (and sleep) the sensor
+        await self._serial.run(emit)
 
 
 class Sps30Family:

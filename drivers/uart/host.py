@@ -35,6 +35,8 @@ from drivers.base import Decoded, DriverState, Emit, Reading
 _log = logging.getLogger(__name__)
 
 BACKOFF_INITIAL_S = 0.5
+#: on stop, how long a family may take to leave its device stopped or asleep
+PARK_TIMEOUT_S = 1.0
 BACKOFF_MAX_S = 30.0
 #: after a readiness report that delivered nothing, the fd is not watched for this long
 SPURIOUS_PAUSE_S = 0.02
@@ -137,6 +139,11 @@ class LineProtocol(Protocol):
         """The family's counters for `state()` (frames, bad bytes, ...)."""
         ...
 
+    async def park(self, link: SerialLink) -> None:
+        """The driver is stopping and the port still open: leave the device in a safe
+        state (stop measuring, sleep). Replies are still read while it runs; it is
+        given at most PARK_TIMEOUT_S."""
+
 
 class BaseProtocol:
     """No-op defaults for the optional hooks of `LineProtocol`."""
@@ -152,6 +159,9 @@ class BaseProtocol:
 
     def counters(self) -> Mapping[str, int]:
         return {}
+
+    async def park(self, link: SerialLink) -> None:
+        return None
 
 
 class _Session:
@@ -183,7 +193,12 @@ class _Session:
             if self._driver.settings.poll_interval_s is not None:
                 self.schedule_poll(0.0)
             self._arm_silence(self._driver.settings.silence_timeout_s)
-            await self.lost
+            try:
+                # shielded: cancelling the driver must not close the link before `park`
+                await asyncio.shield(self.lost)
+            except asyncio.CancelledError:
+                await self._park(proto)
+                raise
         finally:
             self.loop.remove_reader(self._fd)
             for timer in (self._poll_timer, self._silence_timer, self._resume_timer):
@@ -194,6 +209,18 @@ class _Session:
             elif not self.lost.cancelled():
                 self.lost.exception()  # retrieved, also when cancellation won the race
             proto.disconnected()
+
+    async def _park(self, proto: LineProtocol) -> None:
+        """Give the family a bounded last word while the port is still open and read."""
+        if self.lost.done():
+            return
+        try:
+            async with asyncio.timeout(PARK_TIMEOUT_S):
+                await proto.park(self.link)
+        except TimeoutError:
+            _log.info("%s: device did not confirm stopping", self._driver.sensor_id)
+        except (OSError, serial.SerialException) as exc:
+            _log.info("%s: could not stop the device: %s", self._driver.sensor_id, exc)
 
     def _guarded(self, hook: Callable[..., object], *args: object) -> object:
         """Call a family hook; a bug in it ends the session with that exception."""
