@@ -27,7 +27,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from drivers.base import Decoded, Driver, DriverState, Emit, OptionError
+from drivers.base import Decoded, Driver, OptionError
 from drivers.sds011 import codec
 from drivers.uart import BaseProtocol, SerialDriver, SerialLink, SerialSettings, options
 
@@ -315,23 +315,16 @@ class Sds011Protocol(BaseProtocol):
             link.write(codec.set_working(work=False))
 
 
-class Sds011Driver:
-    """One SDS011 on one serial port; `run` returns only when cancelled."""
+class Sds011Driver(SerialDriver):
+    """One SDS011 on one serial port; on stop the core awaits `Sds011Protocol.park`."""
+
+    protocol: Sds011Protocol
 
     def __init__(self, sensor_id: str, opts: Sds011Options) -> None:
-        self.sensor_id = sensor_id
-        self.protocol = Sds011Protocol(opts)
         settings = SerialSettings(
             port=opts.port, baud=opts.baud, silence_timeout_s=opts.silence_timeout_s
         )
-        self._serial = SerialDriver(sensor_id, settings, self.protocol)
-
-    def state(self) -> DriverState:
-        return self._serial.state()
-
-    async def run(self, emit: Emit) -> None:
-        # on cancel, the serial core awaits protocol.park (sleep if we sleep between polls)
-        await self._serial.run(emit)
+        super().__init__(sensor_id, settings, Sds011Protocol(opts))
 
 
 class Sds011Family:

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from drivers.base import Decoded, Driver, DriverState, Emit, OptionError
+from drivers.base import Decoded, Driver, OptionError
 from drivers.sps30 import codec
 from drivers.uart import BaseProtocol, SerialDriver, SerialLink, SerialSettings, options
 
@@ -316,23 +316,16 @@ def _ignore(_state: int, _payload: bytes) -> None:
     return None
 
 
-class Sps30Driver:
-    """One SPS30 on one serial port; `run` returns only when cancelled."""
+class Sps30Driver(SerialDriver):
+    """One SPS30 on one serial port; on stop the core awaits `Sps30Protocol.park`."""
+
+    protocol: Sps30Protocol
 
     def __init__(self, sensor_id: str, opts: Sps30Options) -> None:
-        self.sensor_id = sensor_id
-        self.protocol = Sps30Protocol(opts)
         settings = SerialSettings(
             port=opts.port, baud=opts.baud, silence_timeout_s=opts.silence_timeout_s
         )
-        self._serial = SerialDriver(sensor_id, settings, self.protocol)
-
-    def state(self) -> DriverState:
-        return self._serial.state()
-
-    async def run(self, emit: Emit) -> None:
-        # on cancel, the serial core awaits protocol.park: stop (and sleep) the sensor
-        await self._serial.run(emit)
+        super().__init__(sensor_id, settings, Sps30Protocol(opts))
 
 
 class Sps30Family:
