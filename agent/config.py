@@ -35,7 +35,7 @@ _TOPIC_LEVEL = re.compile(r"[A-Za-z0-9._-]+")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 _TOML_AT_END = re.compile(r"\s*\(at end of document\)$")
-_TABLES = ("gateway", "identity", "broker", "spool", "rotation", "sensors")
+_TABLES = ("gateway", "identity", "broker", "spool", "rotation", "health", "sensors")
 _MIB = 1 << 20
 
 
@@ -65,6 +65,9 @@ class BrokerConfig:
     # false asks for plaintext MQTT: refused unless the agent is started with
     # --insecure-plaintext-for-development (and then loudly reported)
     tls: bool = True
+    # after an outage, unacknowledged messages from before the reconnection are sent
+    # at most this many per second while fresh ones go first (DESIGN.md §2)
+    backlog_messages_per_s: float = 50.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,16 @@ class SpoolConfig:
     commit_interval_s: float
     batch_max_readings: int
     batch_interval_s: float
+    # readings held in memory while the disk refuses writes; beyond it the oldest go (counted)
+    memory_max_readings: int = 50_000
+
+
+@dataclass(frozen=True, slots=True)
+class HealthConfig:
+    """Signed health reports and events (agent.health)."""
+
+    interval_s: float = 60.0  # a health report at least this often
+    events_max: int = 100  # events kept in memory while offline; beyond it the oldest go
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +123,7 @@ class Config:
     spool: SpoolConfig
     sensors: tuple[SensorConfig, ...]
     rotation: RotationConfig = RotationConfig()
+    health: HealthConfig = HealthConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,6 +240,7 @@ def _broker(table: Table) -> BrokerConfig:
     initial = table.number("backoff_initial_s", 0.5, at_most=3600.0)
     maximum = table.number("backoff_max_s", 60.0, at_most=86400.0)
     tls = table.boolean("tls", True)
+    backlog_rate = table.number("backlog_messages_per_s", 50.0, at_most=10000.0)
     if table.ok("backoff_initial_s", "backoff_max_s") and maximum < initial:
         table.problem(
             "backoff_max_s", f"must be at least backoff_initial_s ({initial:g}), got {maximum:g}"
@@ -240,6 +255,7 @@ def _broker(table: Table) -> BrokerConfig:
         connect_timeout_s=connect_timeout_s,
         backoff_initial_s=initial,
         backoff_max_s=maximum,
+        backlog_messages_per_s=backlog_rate,
         tls=tls,
     )
 
@@ -250,6 +266,7 @@ def _spool(table: Table, state_dir: Path) -> SpoolConfig:
     commit_interval_s = table.number("commit_interval_s", 0.5, at_most=10.0)
     batch_max_readings = table.integer("batch_max_readings", 500, 1, 10000)
     batch_interval_s = table.number("batch_interval_s", 2.0, at_most=3600.0)
+    memory_max_readings = table.integer("memory_max_readings", 50_000, 100, 10_000_000)
     table.finish()
     return SpoolConfig(
         path=path,
@@ -257,7 +274,15 @@ def _spool(table: Table, state_dir: Path) -> SpoolConfig:
         commit_interval_s=commit_interval_s,
         batch_max_readings=batch_max_readings,
         batch_interval_s=batch_interval_s,
+        memory_max_readings=memory_max_readings,
     )
+
+
+def _health(table: Table) -> HealthConfig:
+    interval_s = table.number("interval_s", 60.0, at_most=86400.0)
+    events_max = table.integer("events_max", 100, 1, 100_000)
+    table.finish()
+    return HealthConfig(interval_s=interval_s, events_max=events_max)
 
 
 def _rotation(table: Table) -> RotationConfig:
@@ -406,6 +431,7 @@ def load_config(path: Path, *, check_devices: bool = False) -> Config:
     broker = _broker(_table(report, data, "broker"))
     spool = _spool(_table(report, data, "spool"), gateway.state_dir)
     rotation = _rotation(_table(report, data, "rotation"))
+    health = _health(_table(report, data, "health"))
     sensors = _sensors(report, data.get("sensors"))
     if check_devices:
         _check_devices(report, identity, data.get("sensors"))
@@ -425,4 +451,5 @@ def load_config(path: Path, *, check_devices: bool = False) -> Config:
         spool=spool,
         sensors=sensors,
         rotation=rotation,
+        health=health,
     )

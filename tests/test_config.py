@@ -29,6 +29,7 @@ from agent.config import (
     ConfigError,
     ConfigIssue,
     GatewayConfig,
+    HealthConfig,
     IdentityConfig,
     SpoolConfig,
     load_config,
@@ -325,6 +326,7 @@ def test_sample_config_shows_every_key_with_its_default(tmp_path: Path) -> None:
         ("identity", IdentityConfig),
         ("broker", BrokerConfig),
         ("spool", SpoolConfig),
+        ("health", HealthConfig),
     ):
         assert list(raw[table]) == [field.name for field in dataclasses.fields(kind)]
     assert set(raw) == {field.name for field in dataclasses.fields(Config)} - {"source"}
