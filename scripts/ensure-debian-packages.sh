@@ -37,6 +37,8 @@ have npm || missing+=(npm)
 # devel net-convert), netplan renders its network-config (netplan generate --root-dir)
 have cloud-init || missing+=(cloud-init)
 have netplan || missing+=(netplan.io)
+# the HIL clock scenarios run the agent under libfaketime (a 1970 boot, clock jumps)
+ls /usr/lib/*/faketime/libfaketime.so.1 >/dev/null 2>&1 || missing+=(libfaketime)
 
 [ ${#missing[@]} -eq 0 ] && exit 0
 
