@@ -31,6 +31,8 @@ DEFAULT_STATE_DIR = Path("/var/lib/citygate")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 
 _SENSOR_ID = re.compile(r"[A-Za-z0-9_-]{1,32}")
+#: subjects of health reports and events that are not sensors (agent.health, agent.commands)
+_RESERVED_IDS = frozenset({"agent", "commands"})
 _TOPIC_LEVEL = re.compile(r"[A-Za-z0-9._-]+")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
@@ -317,6 +319,8 @@ def _sensor(report: Report, sensor_id: str, raw: object) -> SensorConfig | None:
     where = ("sensors", sensor_id)
     if not _SENSOR_ID.fullmatch(sensor_id):
         report.add(where, "sensor id must be 1 to 32 characters of A-Z a-z 0-9 _ -")
+    elif sensor_id in _RESERVED_IDS:
+        report.add(where, f"sensor id {sensor_id!r} is reserved (health reports use it)")
     if not isinstance(raw, dict):
         report.add(where, f"expected a table, got {describe_type(raw)}")
         return None

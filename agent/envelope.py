@@ -5,6 +5,14 @@ pack (`encode_senml`) and signs it for one topic (`seal`); the receiving side
 checks a message against trusted keys and the topic it arrived on
 (`open_sealed`) and only then hands out its contents as a `VerifiedMessage`.
 
+Time quality (agent.clock): a reading whose time is from before a boot whose
+clock was never set (TIME_BEFORE) carries the SenML extension label "tq_" with
+the value "before": its time is an upper bound. The trailing underscore makes
+the label must-understand (RFC 8428 §4.4), so a consumer that does not know it
+rejects the pack rather than take the bound for the time. A reading with a
+boot-relative time (TIME_UNSYNCED) is never encoded. Records of readings with
+a synced time are exactly as before the label existed.
+
 Trust: the sending side trusts its arguments (they come from our own pipeline)
 but refuses values the wire format cannot carry. The receiving side trusts
 nothing in the message bytes; it trusts only the `TrustedKey` mapping and the
@@ -32,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 
 from agent.keys import KID_BYTES, PrivateKey, PublicKey, kid_for
-from drivers.base import Reading
+from drivers.base import TIME_BEFORE, TIME_SYNCED, TIME_UNSYNCED, Reading
 
 MAX_MESSAGE_BYTES: Final = 256 * 1024
 ALG_EDDSA: Final = -8
@@ -47,6 +55,9 @@ _C_ISS, _C_IAT, _C_SEQ = 1, 6, 7
 # SenML labels (RFC 8428 §6).
 _BVER, _BN, _BT, _BU, _N, _U, _V, _VS, _VB, _S, _T = -1, -2, -3, -4, 0, 1, 2, 3, 4, 5, 6
 _RECORD_LABELS: Final = frozenset({_BVER, _BN, _BT, _BU, _N, _U, _V, _VS, _VB, _S, _T})
+# Our SenML extension (text label, must-understand): the time is an upper bound.
+_TQ: Final = "tq_"
+TQ_BEFORE: Final = "before"
 _URN_PREFIX: Final = "urn:dev:citygate:"
 _SAFE_INT: Final = 2**53  # integral values below this travel as CBOR integers
 _MAX_DEPTH: Final = 8
@@ -109,6 +120,20 @@ def _number(value: float) -> int | float:
     return float(value)
 
 
+def _time_quality_label(reading: Reading) -> str | None:
+    """The "tq_" value a reading's record carries, or None (a synced time carries none)."""
+    if reading.time_quality == TIME_SYNCED:
+        return None
+    if reading.time_quality == TIME_BEFORE:
+        return TQ_BEFORE
+    if reading.time_quality == TIME_UNSYNCED:
+        raise EncodingError(
+            f"{reading.sensor} {reading.quantity}: its time is boot-relative (clock not set): "
+            "it must be corrected to wall time before it is sent"
+        )
+    raise EncodingError(f"{reading.sensor} {reading.quantity}: unknown time quality")
+
+
 def encode_senml(gateway_id: str, readings: Sequence[Reading]) -> bytes:
     """The SenML CBOR pack of `readings`, one record group per sensor.
 
@@ -122,12 +147,13 @@ def encode_senml(gateway_id: str, readings: Sequence[Reading]) -> bytes:
     groups: dict[str, list[Reading]] = {}
     for reading in readings:
         _check_id("sensor id", reading.sensor, ":")
+        _time_quality_label(reading)
         groups.setdefault(reading.sensor, []).append(reading)
-    pack: list[dict[int, Any]] = []
+    pack: list[dict[int | str, Any]] = []
     for sensor, group in groups.items():
         base_time = group[0].time
         for index, reading in enumerate(group):
-            record: dict[int, Any] = {}
+            record: dict[int | str, Any] = {}
             if index == 0:
                 record[_BN] = f"{_URN_PREFIX}{gateway_id}:{sensor}:"
                 record[_BT] = _number(base_time)
@@ -137,6 +163,9 @@ def encode_senml(gateway_id: str, readings: Sequence[Reading]) -> bytes:
             offset = _number(reading.time - base_time)
             if offset != 0:
                 record[_T] = offset
+            quality = _time_quality_label(reading)
+            if quality is not None:
+                record[_TQ] = quality
             pack.append(record)
     return cbor2.dumps(pack, canonical=True)
 
@@ -176,6 +205,8 @@ class Record:
 
     `t` is base time plus record time as sent; RFC 8428's "relative to now"
     reading of small times is not applied (our gateways send absolute times).
+    `time_quality` is "" for a synced time, or "before" (`TQ_BEFORE`): the
+    reading was taken before `t`, in a boot whose clock was never set.
     """
 
     sensor: str
@@ -183,6 +214,7 @@ class Record:
     u: str
     v: float | str | bool
     t: float
+    time_quality: str = ""
 
 
 _ONLY_OPEN_SEALED: Final = object()
@@ -254,7 +286,7 @@ def _int_keyed(value: object, where: str, allowed: frozenset[int]) -> Mapping[in
     return value
 
 
-def _typed(mapping: Mapping[int, Any], label: int, kind: type, where: str) -> Any:
+def _typed(mapping: Mapping[Any, Any], label: int, kind: type, where: str) -> Any:
     if label not in mapping:
         raise VerificationError(f"{where}: label {label} is missing")
     value = mapping[label]
@@ -361,6 +393,30 @@ def _sensor_of(base_name: str, gateway_id: str, where: str) -> str:
     return parts[1]
 
 
+def _record_map(value: object, where: str) -> Mapping[int | str, Any]:
+    """A SenML record: known integer labels and our "tq_"; other must-understand labels fail."""
+    if not isinstance(value, Mapping):
+        raise VerificationError(f"{where}: must be a map, got {type(value).__name__}")
+    for key in value:
+        if (type(key) is int and key in _RECORD_LABELS) or key == _TQ:
+            continue
+        if type(key) is str and key.endswith("_"):
+            raise VerificationError(
+                f"{where}: label {key!r:.40} must be understood (RFC 8428 §4.4) "
+                "and is not supported"
+            )
+        raise VerificationError(f"{where}: unexpected label {_show(key)}")
+    return value
+
+
+def _time_quality(record: Mapping[int | str, Any], where: str) -> str:
+    if _TQ not in record:
+        return ""
+    if type(record[_TQ]) is not str or record[_TQ] != TQ_BEFORE:
+        raise VerificationError(f"{where}: label {_TQ} must be {TQ_BEFORE!r}")
+    return TQ_BEFORE
+
+
 def _records(payload: bytes, gateway_id: str) -> tuple[Record, ...]:
     pack = _decode(payload, "payload")
     if not isinstance(pack, list | tuple) or not pack:
@@ -370,7 +426,7 @@ def _records(payload: bytes, gateway_id: str) -> tuple[Record, ...]:
     base_time, base_unit = 0.0, ""
     for index, raw in enumerate(pack):
         where = f"payload record {index}"
-        record = _int_keyed(raw, where, _RECORD_LABELS)
+        record = _record_map(raw, where)
         if _S in record:
             raise VerificationError(f"{where}: sum values are not supported")
         if _BVER in record:
@@ -395,7 +451,7 @@ def _records(payload: bytes, gateway_id: str) -> tuple[Record, ...]:
             value = _typed(record, values[0], str if values[0] == _VS else bool, where)
         offset = _number_or_fail(record.get(_T, 0), f"{where}: t")
         time = _number_or_fail(base_time + offset, f"{where}: bt + t")
-        records.append(Record(sensor, name, unit, value, time))
+        records.append(Record(sensor, name, unit, value, time, _time_quality(record, where)))
     return tuple(records)
 
 

@@ -6,6 +6,14 @@ unsupported or encrypted key, a certificate for another key, a certificate outsi
 its validity window, a certificate not issued by a CA of the bundle, or a common
 name that cannot serve as a gateway id (an MQTT topic level).
 
+A gateway without a battery-backed clock boots at 1970: its certificate then
+looks "not valid yet". A clock before the certificate's start is below the
+trust floor (agent.clock), so it is the clock that is wrong, not the
+certificate; the service therefore loads with `early_clock_ok`, logs a warning
+and starts (readings keep boot-relative times until the clock is set; the
+broker's TLS handshake fails until then). An expired certificate is always
+refused.
+
 Trust: the files are read from local disk and trusted only after every check here
 passes. The CA bundle is the trust anchor; it is taken as configured (this module
 decides nothing about which CAs are right, only that the certificate chains to one
@@ -14,6 +22,7 @@ of them directly).
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import stat
@@ -37,6 +46,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from cryptography.x509.oid import NameOID
 
 from agent.keys import PrivateKey, PublicKey, kid_for, spki_der
+
+log = logging.getLogger(__name__)
 
 _GATEWAY_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
@@ -186,9 +197,11 @@ def _load_ca_bundle(path: Path) -> list[x509.Certificate]:
     return cas
 
 
-def _check_validity(cert: x509.Certificate, path: Path, now: datetime, what: str) -> None:
+def _check_validity(
+    cert: x509.Certificate, path: Path, now: datetime, what: str, *, early_clock_ok: bool
+) -> None:
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    if now < start:
+    if now < start and not early_clock_ok:
         raise IdentityError(
             f"{what} {path} is not valid yet (valid {start:%Y-%m-%d %H:%M:%S} to "
             f"{end:%Y-%m-%d %H:%M:%S} UTC, now {now:%Y-%m-%d %H:%M:%S} UTC): "
@@ -225,9 +238,19 @@ def _find_issuer(
 
 
 def load_identity(
-    key_path: Path, cert_path: Path, ca_path: Path, *, now: datetime | None = None
+    key_path: Path,
+    cert_path: Path,
+    ca_path: Path,
+    *,
+    now: datetime | None = None,
+    early_clock_ok: bool = False,
 ) -> Identity:
-    """Load and check the gateway's key, certificate and CA bundle; raise IdentityError."""
+    """Load and check the gateway's key, certificate and CA bundle; raise IdentityError.
+
+    With `early_clock_ok` a certificate (or CA) that is not valid yet is taken
+    with a warning: the clock is before its start, so the clock is untrusted
+    (agent.clock). For callers that cope with an untrusted clock: the service.
+    """
     moment = now if now is not None else datetime.now(UTC)
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
@@ -240,9 +263,19 @@ def load_identity(
             f"certificate {cert_path} is for another key than {key_path}: "
             "install the certificate issued for this key (or the key it was issued for)"
         )
-    _check_validity(cert, cert_path, moment, "certificate")
+    _check_validity(cert, cert_path, moment, "certificate", early_clock_ok=early_clock_ok)
     issuer = _find_issuer(cert, cert_path, cas, ca_path)
-    _check_validity(issuer, ca_path, moment, "CA certificate in")
+    _check_validity(issuer, ca_path, moment, "CA certificate in", early_clock_ok=early_clock_ok)
+    start = max(cert.not_valid_before_utc, issuer.not_valid_before_utc)
+    if moment < start:  # only with early_clock_ok
+        log.warning(
+            "the clock says %s UTC, before certificate %s is valid (from %s UTC): the clock "
+            "looks wrong; readings keep boot-relative times and the broker's TLS handshake "
+            "fails until the clock is set (NTP)",
+            f"{moment:%Y-%m-%d %H:%M:%S}",
+            cert_path,
+            f"{start:%Y-%m-%d %H:%M:%S}",
+        )
     gateway_id = gateway_id_of(cert)
     return Identity(
         gateway_id=gateway_id,

@@ -3,11 +3,22 @@
 This is the seam between paho-mqtt (callbacks on its network thread) and the
 agent (coroutines). `Session.open` connects and waits for a successful
 CONNACK; `publish` returns when the broker acknowledged the message (PUBACK
-reason below 0x80) and raises `PublishRefused` otherwise; `messages` yields
-what subscriptions deliver. A session is never reconnected: when the link
-drops, `lost` completes and every pending publish fails with `SessionLost`;
-the owner (`agent.uplink`) opens a new one after a backoff delay. That keeps
-paho's own retry logic, and its re-sending of stale packets, out of the way.
+reason below 0x80) and raises `PublishRefused` otherwise. A session is never
+reconnected: when the link drops, `lost` completes and every pending publish
+fails with `SessionLost`; the owner (`agent.uplink`) opens a new one after a
+backoff delay. That keeps paho's own retry logic, and its re-sending of stale
+packets, out of the way.
+
+Incoming messages: a session used by one consumer reads them all with
+`messages`. A session shared by several consumers (the agent's: certificate
+rotation, commands) routes them instead: each consumer opens an `Inbox` for its
+topic filters and gets only the messages that match them; once a session has
+an inbox, a message no inbox matches is counted (`unmatched`) and dropped.
+Every queue is bounded and filled on paho's thread, which drops and counts a
+message that finds its queue full rather than wait or grow; with
+`max_packet_size` the broker drops any message bigger than that for us
+instead of sending it (MQTT 5 Maximum Packet Size). So hostile senders cost
+us at most the queues' capacity in memory, and never block the network thread.
 
 paho exceptions and reason codes are translated here, once.
 Trusts: the broker's identity as verified by the TLS context it is given.
@@ -20,7 +31,8 @@ import contextlib
 import logging
 import ssl
 import threading
-from collections.abc import AsyncIterator
+from collections import deque
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,6 +86,9 @@ class SessionSettings:
     # a consumer that must not miss messages while it is away keeps its session
     clean_start: bool = True
     session_expiry_s: int = 0
+    # the largest packet the broker may send us: it drops bigger messages for us (MQTT 5
+    # Maximum Packet Size, in CONNECT); None asks for no limit (a telemetry verifier's choice)
+    max_packet_size: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +96,116 @@ class Message:
     topic: str
     payload: bytes
     retain: bool
+
+
+#: capacity of the queue `Session.messages` reads (a single consumer's)
+MESSAGES_QUEUE = 10_000
+
+
+class Inbox:
+    """The messages of some topic filters, for one consumer, in a queue of `maxsize`.
+
+    Filled on paho's thread: a message that finds the queue full is dropped
+    there and counted in `dropped`. `get` (or `async for`) takes them in
+    arrival order; the messages already queued are still handed out after the
+    session is lost, then `get` raises `SessionLost` (and iteration ends).
+    Leaving the `with` block (or `close`) stops the routing to it.
+    """
+
+    def __init__(
+        self,
+        filters: tuple[str, ...],
+        maxsize: int,
+        loop: asyncio.AbstractEventLoop,
+        lost: asyncio.Future[str],
+        on_close: Callable[[Inbox], None] | None = None,
+    ) -> None:
+        self.filters = filters
+        self.maxsize = maxsize
+        self.dropped = 0
+        self._loop = loop
+        self._lost = lost
+        self._lock = threading.Lock()  # guards _held, dropped and _closed across threads
+        self._held = 0  # admitted on paho's thread and not yet taken
+        self._closed = False
+        self._items: deque[Message] = deque()  # touched on the loop's thread only
+        self._wake = asyncio.Event()
+        self._on_close = on_close
+
+    def __enter__(self) -> Inbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __aiter__(self) -> Inbox:
+        return self
+
+    async def __anext__(self) -> Message:
+        try:
+            return await self.get()
+        except SessionLost:
+            raise StopAsyncIteration from None
+
+    async def get(self) -> Message:
+        """The next message; SessionLost once the session is gone and the queue empty."""
+        while not self._items:
+            if self._closed:
+                raise SessionLost("inbox closed")
+            if self._lost.done():
+                raise SessionLost(f"connection lost: {self._lost.result()}")
+            self._wake.clear()
+            await self._wake.wait()  # cancelling this wait loses no message
+        message = self._items.popleft()
+        with self._lock:
+            self._held -= 1
+        return message
+
+    @property
+    def pending(self) -> int:
+        """Messages waiting to be taken."""
+        return len(self._items)
+
+    def matches(self, topic: str) -> bool:
+        return any(paho.topic_matches_sub(f, topic) for f in self.filters)
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+        if self._on_close is not None:
+            self._on_close(self)
+        self._items.clear()
+        self._wake.set()
+
+    def offer(self, message: Message) -> None:
+        """On paho's thread: admit the message if there is room, else drop and count it."""
+        with self._lock:
+            if self._closed:
+                return
+            admitted = self._held < self.maxsize
+            if admitted:
+                self._held += 1
+            else:
+                self.dropped += 1
+            dropped = self.dropped
+        if admitted:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody reads any more
+                self._loop.call_soon_threadsafe(self._put, message)
+        elif dropped == 1 or dropped % 1000 == 0:  # a flood must not flood the log as well
+            log.warning(
+                "dropping messages on %s: queue of %d full (%d dropped so far)",
+                ascii(message.topic[:100]),
+                self.maxsize,
+                dropped,
+            )
+
+    def _put(self, message: Message) -> None:
+        if not self._closed:
+            self._items.append(message)
+            self._wake.set()
+
+    def wake_up(self) -> None:
+        self._wake.set()
 
 
 class Session:
@@ -97,7 +222,12 @@ class Session:
         self._window = asyncio.Semaphore(settings.inflight)
         self._connack: asyncio.Future[int] = loop.create_future()
         self.lost: asyncio.Future[str] = loop.create_future()
-        self._messages: asyncio.Queue[Message] = asyncio.Queue(maxsize=10_000)
+        self._routes_lock = threading.Lock()
+        self._routes: tuple[Inbox, ...] = ()
+        self._routed = False  # set by the first inbox; then `messages` is closed for good
+        self._default = Inbox(("#",), MESSAGES_QUEUE, loop, self.lost)
+        self.unmatched = 0  # messages dropped because no inbox wanted them
+        self.lost.add_done_callback(self._wake_inboxes)
         client = paho.Client(
             callback_api_version=CallbackAPIVersion.VERSION2,
             client_id=settings.client_id,
@@ -172,22 +302,38 @@ class Session:
         if any(code >= 0x80 for code in granted):
             raise PublishRefused(topic_filter, granted[0], "subscription refused")
 
-    async def messages(self) -> AsyncIterator[Message]:
-        """Messages from subscriptions, until the session is lost."""
-        while True:
-            getter = asyncio.ensure_future(self._messages.get())
-            waiters: set[asyncio.Future[Any]] = {getter, self.lost}
-            try:
-                done, _ = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                # a caller that stops waiting (a timeout) must not leave a getter behind:
-                # it would swallow the next message
-                getter.cancel()
-            if getter in done:
-                yield getter.result()
-                continue
-            getter.cancel()
-            return
+    def messages(self) -> AsyncIterator[Message]:
+        """Every message from subscriptions, until the session is lost: for a single consumer.
+
+        It starts queueing when the session opens, so nothing sent between
+        `subscribe` and the first read is lost. Once the session has an inbox,
+        it ends (a RuntimeError if asked for afterwards).
+        """
+        if self._routed:
+            raise RuntimeError("this session routes its messages to inboxes: use inbox()")
+        return self._default
+
+    def inbox(self, *filters: str, maxsize: int) -> Inbox:
+        """Route the messages matching `filters` to a new inbox of `maxsize` messages.
+
+        Open it before subscribing, so that nothing the subscription brings
+        (a retained message) arrives before there is somewhere to put it. A
+        message that several inboxes match goes to each of them.
+        """
+        if not filters or maxsize < 1:
+            raise ValueError("an inbox needs a topic filter and room for a message")
+        inbox = Inbox(filters, maxsize, self._loop, self.lost, self._forget)
+        with self._routes_lock:
+            self._routes = (*self._routes, inbox)
+            first = not self._routed
+            self._routed = True
+        if first:
+            self._default.close()
+        return inbox
+
+    def _forget(self, inbox: Inbox) -> None:
+        with self._routes_lock:
+            self._routes = tuple(r for r in self._routes if r is not inbox)
 
     async def close(self) -> None:
         """Disconnect cleanly (no Will) and stop paho's thread."""
@@ -204,6 +350,8 @@ class Session:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         if s.session_expiry_s:
             properties.SessionExpiryInterval = s.session_expiry_s
+        if s.max_packet_size is not None:
+            properties.MaximumPacketSize = s.max_packet_size
         try:
             await asyncio.to_thread(
                 self._client.connect,
@@ -312,14 +460,27 @@ class Session:
         self._loop.call_soon_threadsafe(_settle, future, codes)
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
-        message = Message(msg.topic, bytes(msg.payload), bool(msg.retain))
-        self._loop.call_soon_threadsafe(self._deliver, message)
-
-    def _deliver(self, message: Message) -> None:
+        # an exception here would end paho's thread (and the session with it, unnoticed)
         try:
-            self._messages.put_nowait(message)
-        except asyncio.QueueFull:
-            log.warning("dropping message on %s: subscriber queue full", message.topic)
+            message = Message(msg.topic, bytes(msg.payload), bool(msg.retain))
+        except UnicodeDecodeError:
+            with self._routes_lock:
+                self.unmatched += 1
+            return
+        with self._routes_lock:
+            routed, routes = self._routed, self._routes
+        wanted = [inbox for inbox in routes if inbox.matches(message.topic)]
+        if routed and not wanted:
+            with self._routes_lock:
+                self.unmatched += 1
+        for inbox in wanted if routed else [self._default]:
+            inbox.offer(message)
+
+    def _wake_inboxes(self, lost: asyncio.Future[str]) -> None:
+        with self._routes_lock:
+            routes = self._routes
+        for inbox in (*routes, self._default):
+            inbox.wake_up()
 
 
 def _settle(future: asyncio.Future[Any], value: object) -> None:

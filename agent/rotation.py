@@ -43,11 +43,11 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
@@ -62,7 +62,6 @@ from agent.identity import Identity, IdentityError, is_valid_gateway_id, load_id
 from agent.keys import PrivateKey, PublicKey, spki_der
 from agent.mqtt import (
     ConnectFailed,
-    Message,
     PublishRefused,
     Session,
     SessionLost,
@@ -83,6 +82,8 @@ WARN_EVERY_S = 86400.0
 #: delays between failed renewals: one minute, doubling, at most six hours
 RETRY = Backoff(60.0, 6 * 3600.0)
 MAX_PAYLOAD = 16 * 1024
+#: replies held while a renewal waits for its own (others' are read and ignored)
+REPLY_QUEUE = 8
 STAGED = ".new"
 OLD = ".old"
 #: the retry state that must survive the service's restart (and the agent's)
@@ -282,15 +283,14 @@ async def exchange(
     """
     topic = reply_topic(prefix, request.gateway_id)
     async with asyncio.timeout(timeout_s):
-        await session.subscribe(topic)
-        await session.publish(request_topic(prefix, request.gateway_id), request.encode())
-        if on_sent is not None:
-            on_sent()
-        messages = cast("AsyncGenerator[Message, None]", session.messages())
-        async with contextlib.aclosing(messages) as stream:
-            async for message in stream:
-                if message.topic != topic:
-                    continue
+        # the inbox is there before the subscription, which may bring a retained reply at once
+        with session.inbox(topic, maxsize=REPLY_QUEUE) as replies:
+            await session.subscribe(topic)
+            await session.publish(request_topic(prefix, request.gateway_id), request.encode())
+            if on_sent is not None:
+                on_sent()
+            while True:
+                message = await replies.get()  # SessionLost when the connection drops
                 try:
                     reply = EnrollReply.decode(message.payload)
                 except ProtocolError as exc:
@@ -298,7 +298,6 @@ async def exchange(
                     continue
                 if reply.request_id == request.request_id:
                     return reply
-    raise SessionLost(f"connection lost while waiting for the reply on {topic}")
 
 
 # -- when --------------------------------------------------------------------------------

@@ -40,8 +40,9 @@ class SeqCounter:
 
     def take(self) -> int:
         if self._next >= self._bound:
-            self._bound = self._next + self._block
-            _write_bound(self._path, self._bound)
+            bound = self._next + self._block
+            _write_bound(self._path, bound)  # may raise (disk full): then nothing is handed out
+            self._bound = bound
         seq = self._next
         self._next += 1
         return seq

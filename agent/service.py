@@ -10,7 +10,14 @@ anything else starts), opens the spool, and runs under one TaskGroup:
 - the uplink, which keeps an MQTT session up;
 - the outbox sender;
 - the certificate rotation (agent.rotation), which warns before the certificate
-  expires and renews it in time.
+  expires and renews it in time;
+- the commands (agent.commands): `cmd/health` and `ota/offer`, checked and
+  rate-limited, on every session of the uplink;
+- the clock watch (agent.clock), which gives held readings wall-clock times
+  once the clock is trusted, and reports jumps;
+- health (agent.health): signed reports on each new session and every
+  `health.interval_s`, and signed events (sensor faults, a full disk, the
+  clock) queued while offline.
 
 When the rotation has staged a renewed certificate, the service stops as for a
 stop request (without telling systemd it is stopping), `adopt_staged` tries the
@@ -33,17 +40,21 @@ import os
 import signal
 import time
 from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 
 from agent import version
 from agent.backoff import Backoff
+from agent.clock import TRUSTED, UNTRUSTED, WallClock, trust_floor
+from agent.commands import MAX_PACKET_SIZE, Commands
 from agent.config import Config
 from agent.envelope import encode_senml, seal, signer_for
+from agent.health import Groups, Health, report_groups
 from agent.identity import Identity, load_identity
 from agent.mqtt import SessionSettings
 from agent.pipeline import Pipeline
 from agent.rotation import Rotation, adopt_staged, recover_identity
-from agent.spool import Spool, SpoolError
+from agent.spool import Spool, SpoolError, SpoolFull
 from agent.state import Inventory, open_state
 from agent.systemd import Notifier, keep_alive
 from agent.tls import client_context
@@ -54,6 +65,8 @@ from drivers.ble import set_unknown_listener
 log = logging.getLogger(__name__)
 
 DRAIN_TIMEOUT_S = 5.0
+#: how often the clock task looks for the wall clock being set or jumping
+CLOCK_CHECK_S = 1.0
 #: written to the state directory when the service stops cleanly
 RUN_SUMMARY = "last-run.json"
 #: small human-readable state (DESIGN.md §2): the inventory of unconfigured devices, ...
@@ -101,12 +114,14 @@ class Service:
         self.config = config
         self.identity = identity
         self.boot_time = time.time()
+        self.clock = WallClock(trust_floor(identity.certificate.not_valid_before_utc))
         self.topics = topics(config.broker.prefix, identity.gateway_id)
         spool_cfg = config.spool
         self.spool = Spool(
             spool_cfg.path,
             config.gateway.state_dir / f"seq-{identity.kid.hex()}",
             budget_bytes=spool_cfg.budget_bytes,
+            memory_max_readings=spool_cfg.memory_max_readings,
         )
         self.packer = Packer(identity, self.topics["telemetry"])
         broker = config.broker
@@ -118,6 +133,7 @@ class Service:
             keepalive_s=broker.keepalive_s,
             connect_timeout_s=broker.connect_timeout_s,
             inflight=broker.inflight,
+            max_packet_size=MAX_PACKET_SIZE,
         )
 
         def status(state: str) -> bytes:
@@ -132,10 +148,17 @@ class Service:
             online=status("online"),
             offline=status("offline"),
         )
-        self.sender = OutboxSender(self.spool, self.uplink, window=broker.inflight)
+        self.sender = OutboxSender(
+            self.spool,
+            self.uplink,
+            window=broker.inflight,
+            backlog_rate=broker.backlog_messages_per_s,
+        )
         self.inventory = Inventory(open_state(config.gateway.state_dir / STATE_FILE))
         self.pipeline = Pipeline(
-            {s.sensor_id: s.bin for s in config.sensors if s.bin is not None}, self.spool.add
+            {s.sensor_id: s.bin for s in config.sensors if s.bin is not None},
+            self.spool.add,
+            clock=self.clock,
         )
         self.rotation = Rotation(
             identity,
@@ -150,6 +173,43 @@ class Service:
             family(sensor.driver).create(sensor.sensor_id, sensor.options)
             for sensor in config.sensors
         ]
+        self.health = Health(
+            gateway_id=identity.gateway_id,
+            signer=signer_for(identity.key),
+            health_topic=self.topics["health"],
+            events_topic=self.topics["events"],
+            interval_s=config.health.interval_s,
+            events_max=config.health.events_max,
+            take_seq=self.spool.take_seq,
+            sources=self._health_sources,
+        )
+        self.health.watch_drivers(self.drivers)
+        self.commands = Commands(
+            identity.gateway_id,
+            prefix=broker.prefix,
+            sessions=self.uplink.session,
+            on_health_request=self.health.request,
+            on_ota_offer=lambda version: None,  # Commands logs the offer; OTA is a later issue
+            on_event=self._command_event,
+        )
+        self._disk_full = False  # a disk_full event was raised and no disk_ok yet
+        self._disk_error = ""
+
+    def _command_event(self, kind: str, /, **fields: object) -> None:
+        subject = str(fields.pop("subject", "commands"))
+        detail = {k: v if isinstance(v, float | str | bool) else str(v) for k, v in fields.items()}
+        self.health.event(kind, subject, **detail)
+
+    def _health_sources(self) -> Groups:
+        """What a health report says: spool, drivers, certificate, clock, link."""
+        return report_groups(
+            spool=self.spool.stats(),
+            drivers=self.drivers,
+            cert_not_after=self.identity.not_after.timestamp(),
+            clock_synced=self.clock.trusted(),
+            connects=self.uplink.counters.connects,
+            now=time.time(),
+        )
 
     def status_line(self) -> str:
         """One line for `systemctl status`: the broker link and what waits in the spool."""
@@ -178,10 +238,13 @@ class Service:
                     for d in self.drivers
                 ]
                 committer = group.create_task(self._commit_loop(), name="committer")
+                clock = group.create_task(self._clock_loop(), name="clock")
                 uplink = group.create_task(self.uplink.run(), name="uplink")
                 sender = group.create_task(self.sender.run(), name="sender")
                 watchdog = group.create_task(keep_alive(notify, self.status_line), name="watchdog")
                 rotation = group.create_task(self.rotation.run(), name="rotation")
+                health = group.create_task(self.health.run(self.uplink.session), name="health")
+                commands = group.create_task(self.commands.run(), name="commands")
                 notify.ready(self.status_line())
                 await _first_set(stop, self.rotation.staged)
                 if stop.is_set():
@@ -191,9 +254,11 @@ class Service:
                     notify.status("switching to the renewed certificate")
                     log.info("restarting with the renewed certificate: flushing the spool")
                 rotation.cancel()
-                for task in [*driver_tasks, committer]:
+                commands.cancel()
+                health.cancel()  # before the drivers: their "stopped" is no sensor fault
+                for task in [*driver_tasks, committer, clock]:
                     task.cancel()
-                await asyncio.gather(*driver_tasks, committer, return_exceptions=True)
+                await asyncio.gather(*driver_tasks, committer, clock, return_exceptions=True)
                 self._flush()
                 if self.uplink.connected:
                     with contextlib.suppress(TimeoutError):
@@ -233,6 +298,9 @@ class Service:
             "spooled_messages": stats.messages,
             "dropped_readings": stats.dropped_readings,
             "fill_out_of_range": sum(self.pipeline.counters.values()),
+            "commands_accepted": self.commands.counters.accepted,
+            "commands_rejected": sum(self.commands.counters.rejected.values()),
+            "commands_dropped": self.commands.counters.dropped,
         }
 
     async def _commit_loop(self) -> None:
@@ -243,17 +311,81 @@ class Service:
             try:
                 self.spool.commit()
                 due = time.monotonic() - last_pack >= spool_cfg.batch_interval_s
-                if self.spool.pack_ready(spool_cfg.batch_max_readings, self.packer, partial=due):
+                # a message's iat is the wall clock: nothing is packed until it is trusted
+                if self.clock.trusted() and self.spool.pack_ready(
+                    spool_cfg.batch_max_readings, self.packer, partial=due
+                ):
                     self.sender.wake()
                 if due:
                     last_pack = time.monotonic()
+            except SpoolFull as exc:
+                self._disk_error = str(exc)
             except SpoolError as exc:
                 log.error("spool: %s (readings are kept in memory and retried)", exc)
+            self._watch_disk()
+
+    def _watch_disk(self) -> None:
+        """One event when the disk starts refusing writes, one when it takes them again."""
+        full = self.spool.disk_full
+        if full == self._disk_full:
+            return
+        self._disk_full = full
+        if full:
+            self.health.event(
+                "disk_full",
+                "agent",
+                reason=self._disk_error or "the filesystem refused a write",
+                held_in_memory=float(self.spool.stats().buffered),
+            )
+        else:
+            self.health.event("disk_ok", "agent")
+
+    async def _clock_loop(self) -> None:
+        """Give spooled boot-relative times wall time whenever the clock is (again) trusted."""
+        uncorrected = True  # readings of an earlier run or boot may wait for a trusted clock
+        if not self.clock.trusted():
+            log.warning(
+                "the wall clock is not set (it reads before %s): readings keep boot-relative "
+                "times until it is",
+                f"{datetime.fromtimestamp(self.clock.floor, UTC):%Y-%m-%d %H:%M:%S} UTC",
+            )
+        while True:
+            if uncorrected and self.clock.trusted():
+                uncorrected = not self._correct_times(self.clock.boot_wall_start())
+            await asyncio.sleep(CLOCK_CHECK_S)
+            change = self.clock.check()
+            if change is None:
+                continue
+            if change.kind == TRUSTED:
+                log.info("the wall clock was set (moved %+.1f s)", change.step_s)
+                self.health.event("clock_synced", "agent", step_s=change.step_s)
+                uncorrected = True
+            elif change.kind == UNTRUSTED:
+                log.warning(
+                    "the wall clock went back %.1f s, before its trust floor: readings keep "
+                    "boot-relative times until it is set",
+                    -change.step_s,
+                )
+                self.health.event("clock_unsynced", "agent", step_s=change.step_s)
+            else:
+                log.warning("the wall clock jumped %+.1f s", change.step_s)
+                self.health.event("clock_jumped", "agent", step_s=change.step_s)
+
+    def _correct_times(self, boot_wall_start: float) -> bool:
+        """Correct the spool's boot-relative times; False when the spool failed (retried)."""
+        try:
+            corrected = self.spool.correct_times(boot_wall_start)
+        except SpoolError as exc:
+            log.error("spool: %s (boot-relative times are corrected at the next check)", exc)
+            return False
+        if corrected:
+            log.info("%d spooled reading(s) now have wall-clock times", corrected)
+        return True
 
     def _flush(self) -> None:
         try:
             self.spool.commit()
-            if self.spool.pack_ready(
+            if self.clock.trusted() and self.spool.pack_ready(
                 self.config.spool.batch_max_readings, self.packer, partial=True
             ):
                 self.sender.wake()
@@ -296,7 +428,7 @@ def run_service(config: Config, *, allow_plaintext: bool = False) -> None:
     recovered = recover_identity(paths.key, paths.cert)  # a swap a power cut interrupted
     if recovered is not None:
         log.warning("%s", recovered)
-    identity = load_identity(paths.key, paths.cert, paths.ca)
+    identity = load_identity(paths.key, paths.cert, paths.ca, early_clock_ok=True)
 
     async def main() -> None:
         current = identity

@@ -92,6 +92,8 @@ class Verifier:
 
 
 def reading_lines(message: VerifiedMessage) -> list[str]:
+    """One JSON object per record; "tq": "before" is added when `t` is only an upper bound
+    (taken in a boot whose clock was never set)."""
     return [
         json.dumps(
             {
@@ -102,6 +104,7 @@ def reading_lines(message: VerifiedMessage) -> list[str]:
                 "u": r.u,
                 "v": r.v,
                 "t": r.t,
+                **({"tq": r.time_quality} if r.time_quality else {}),
             }
         )
         for r in message.records

@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 #: time quality of a reading's timestamp
-TIME_SYNCED = 0  # wall clock believed correct (NTP or RTC)
-TIME_UNSYNCED = 1  # wall clock not known to be correct
+TIME_SYNCED = 0  # unix seconds from a trusted wall clock (agent.clock)
+TIME_UNSYNCED = 1  # CLOCK_BOOTTIME seconds of this boot: the wall clock was not set yet
+TIME_BEFORE = 2  # from an earlier boot whose clock was never set; time = this boot's wall start
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,7 +26,7 @@ class Reading:
     quantity: str
     value: float
     unit: str
-    time: float  # unix seconds
+    time: float  # unix seconds (boot-clock seconds while time_quality is TIME_UNSYNCED)
     time_quality: int = TIME_SYNCED
 
 

@@ -7,7 +7,8 @@ client id, no anonymous access, and an ACL under which a gateway may write
 only below `<prefix>/<its id>/` and read only its own command topics. The
 verifier identities named at construction may read everything under the prefix;
 the registrar identities may read every gateway's enrollment requests and
-answer them (docs/adr/0005).
+answer them (docs/adr/0005); the operator identities may send any gateway
+commands and update offers (agent.commands), and nothing else.
 
 With `claim_ca`, a second listener (the enrollment listener) accepts only
 certificates of that claim CA, and its own ACL lets a claim certificate do
@@ -52,11 +53,20 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def acl_text(prefix: str, readers: Sequence[str], registrars: Sequence[str] = ()) -> str:
+def acl_text(
+    prefix: str,
+    readers: Sequence[str],
+    registrars: Sequence[str] = (),
+    operators: Sequence[str] = (),
+) -> str:
     lines = [f"user {name}\ntopic read {prefix}/#\n" for name in readers]
     lines.extend(
         f"user {name}\ntopic read {prefix}/+/enroll/request\ntopic write {prefix}/+/enroll/reply\n"
         for name in registrars
+    )
+    lines.extend(
+        f"user {name}\ntopic write {prefix}/+/cmd/#\ntopic write {prefix}/+/ota/offer\n"
+        for name in operators
     )
     lines.append(
         "# every other client: its own subtree only (%u = certificate CN)\n"
@@ -90,6 +100,7 @@ class LabBroker:
         prefix: str = "citygate",
         readers: Sequence[str] = ("verifier",),
         registrars: Sequence[str] = (),
+        operators: Sequence[str] = (),
         port: int | None = None,
         crl: Path | None = None,
         claim_ca: Path | None = None,
@@ -103,6 +114,7 @@ class LabBroker:
         self._prefix = prefix
         self._readers = tuple(readers)
         self._registrars = tuple(registrars)
+        self._operators = tuple(operators)
         self._crl = crl
         self._claim_ca = claim_ca
         self.claim_port = free_port() if claim_ca is not None else None
@@ -112,7 +124,7 @@ class LabBroker:
     def write_config(self) -> Path:
         self.workdir.mkdir(parents=True, exist_ok=True)
         acl = self.workdir / "mosquitto.acl"
-        acl.write_text(acl_text(self._prefix, self._readers, self._registrars))
+        acl.write_text(acl_text(self._prefix, self._readers, self._registrars, self._operators))
         claim = self._claim_ca is not None
         conf = self.workdir / "mosquitto.conf"
         text = (

@@ -61,10 +61,18 @@ def citygate(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str
 class AgentProcess:
     """`citygate run` in a subprocess, its output in a log file."""
 
-    def __init__(self, config: Path, log: Path, *, args: Sequence[str] = ()) -> None:
+    def __init__(
+        self,
+        config: Path,
+        log: Path,
+        *,
+        args: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.config = config
         self.log = log
         self.args = list(args)  # extra `citygate run` arguments
+        self.env = dict(env) if env is not None else None  # added to this process's environment
         self.proc: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -72,6 +80,7 @@ class AgentProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, "-m", "agent.cli", "run", "--config", str(self.config),
                 *self.args, stdout=out, stderr=out,
+                env=None if self.env is None else {**os.environ, **self.env},
             )  # fmt: skip
 
     async def kill(self) -> None:

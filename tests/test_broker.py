@@ -31,3 +31,13 @@ def test_acl_confines_gateways_to_their_own_subtree_and_lets_readers_read_all() 
     assert "pattern write citygate/%u/#" in text
     assert "pattern read citygate/%u/cmd/#" in text
     assert "topic write" not in text
+
+
+def test_acl_lets_operators_write_every_gateways_commands_and_offers_and_nothing_else() -> None:
+    text = acl_text("citygate", ["verifier"], operators=["operator"])
+    section = text.split("user operator\n", 1)[1].split("\n\n", 1)[0]
+    assert section.splitlines() == [
+        "topic write citygate/+/cmd/#",
+        "topic write citygate/+/ota/offer",
+    ]
+    assert "topic read" not in section

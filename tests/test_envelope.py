@@ -40,7 +40,7 @@ from agent.envelope import (
     seq_of,
     signer_for,
 )
-from drivers.base import Reading
+from drivers.base import TIME_BEFORE, TIME_UNSYNCED, Reading
 
 GOLDEN_PATH = Path(__file__).parent / "vectors" / "envelope_golden.json"
 GW = "gw-0042"
@@ -299,7 +299,9 @@ def test_golden_message_has_exactly_the_design_headers(golden: dict[str, Any]) -
 
 def test_golden_message_opens_to_the_recorded_records(golden: dict[str, Any]) -> None:
     opened = open_sealed(bytes.fromhex(golden["message_hex"]), TOPIC, _golden_trust(golden))
-    assert [vars(r) for r in opened.records] == golden["records"]
+    assert [vars(r) for r in opened.records] == [
+        {**r, "time_quality": ""} for r in golden["records"]
+    ]
     assert (opened.seq, opened.iat) == (golden["seq"], golden["iat"])
 
 
@@ -496,6 +498,57 @@ def test_senml_base_values_carry_over_until_changed(ed_key: Ed25519PrivateKey) -
         Record("b", "label", "m", "ok", 100.0),
         Record("b", "pm10", "ug/m3", 3.0, 200.5),
     )
+
+
+# --- time quality -----------------------------------------------------------
+
+
+def test_reading_from_before_a_boot_carries_the_must_understand_flag(
+    ed_key: Ed25519PrivateKey,
+) -> None:
+    readings = [
+        Reading("aq-01", "pm2_5", 7.0, "ug/m3", 1767225601.5, TIME_BEFORE),
+        Reading("aq-01", "pm10", 9.0, "ug/m3", 1767225661.5),
+    ]
+    senml = encode_senml(GW, readings)
+    pack = cbor2.loads(senml)
+    assert pack[0]["tq_"] == "before"
+    assert all(type(label) is int for label in pack[1])  # a synced record: as before the flag
+    signer = signer_for(ed_key)
+    opened = open_sealed(_seal(signer, senml), TOPIC, {signer.kid: _trust(GW, ed_key)})
+    assert opened.records == (
+        Record("aq-01", "pm2_5", "ug/m3", 7.0, 1767225601.5, "before"),
+        Record("aq-01", "pm10", "ug/m3", 9.0, 1767225661.5),
+    )
+
+
+@pytest.mark.parametrize(
+    ("quality", "fragment"), [(TIME_UNSYNCED, "boot-relative"), (7, "unknown")]
+)
+def test_a_boot_relative_or_unknown_time_is_never_encoded(quality: int, fragment: str) -> None:
+    readings = [*GOLDEN_READINGS, Reading("aq-01", "pm2_5", 7.0, "ug/m3", 12.5, quality)]
+    with pytest.raises(EncodingError, match=fragment):
+        encode_senml(GW, readings)
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        ({"tq_": "after"}, "tq_ must be 'before'"),
+        ({"tq_": 2}, "tq_ must be 'before'"),
+        ({"rt_": 1}, "'rt_' must be understood"),
+        ({"tq": "before"}, "unexpected label"),
+        ({b"tq_": "before"}, "unexpected label"),
+    ],
+)
+def test_unknown_must_understand_labels_and_bad_flags_are_refused(
+    ed_key: Ed25519PrivateKey, extra: dict[object, object], fragment: str
+) -> None:
+    record = {-2: f"urn:dev:citygate:{GW}:s:", -3: 1767225600, 0: "distance", 1: "m", 2: 1}
+    signer = signer_for(ed_key)
+    message = _seal(signer, cbor2.dumps([{**record, **extra}]))
+    with pytest.raises(VerificationError, match=fragment):
+        open_sealed(message, TOPIC, {signer.kid: _trust(GW, ed_key)})
 
 
 # --- properties -------------------------------------------------------------

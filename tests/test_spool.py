@@ -9,7 +9,7 @@ import pytest
 
 from agent.seq import SeqCounter, SeqError
 from agent.spool import Spool
-from drivers.base import Reading
+from drivers.base import TIME_BEFORE, TIME_SYNCED, TIME_UNSYNCED, Reading
 
 
 def _readings(n: int, start: int = 0, sensor: str = "air_1") -> list[Reading]:
@@ -146,4 +146,168 @@ def test_pending_counts_match_the_database_after_reopen(tmp_path: Path) -> None:
     spool.close()
     spool = _spool(tmp_path)
     assert live == (5, 1) == (spool.pending_readings, spool.pending_messages)
+    spool.close()
+
+
+# -- the memory buffer ---------------------------------------------------------------
+
+
+def test_memory_buffer_keeps_the_newest_readings_and_counts_the_dropped(tmp_path: Path) -> None:
+    spool = Spool(
+        tmp_path / "spool.sqlite", tmp_path / "seq", budget_bytes=64 << 20, memory_max_readings=100
+    )
+    spool.add(_readings(250))
+    assert (spool.stats().buffered, spool.memory_dropped) == (100, 150)
+    assert spool.commit() == 100
+    row = spool.pack(1000, _build)
+    assert row is not None
+    assert row.payload.startswith(b"0:150.0,151.0,")
+    assert spool.stats().memory_dropped == 150
+    spool.close()
+
+
+# -- one seq counter for every signed message ----------------------------------------
+
+
+def test_take_seq_shares_the_counter_with_pack(tmp_path: Path) -> None:
+    spool = _spool(tmp_path)
+    seen: list[int] = []
+    for n in range(3):
+        seen.append(spool.take_seq())
+        spool.add(_readings(1, start=n))
+        spool.commit()
+        row = spool.pack(10, _build)
+        assert row is not None
+        seen.append(row.seq)
+    assert seen == sorted(set(seen))
+    spool.close()
+
+
+def test_a_seq_taken_for_health_is_never_repeated_when_the_seq_file_is_lost(
+    tmp_path: Path,
+) -> None:
+    spool = _spool(tmp_path)
+    taken = [spool.take_seq() for _ in range(3)]
+    spool.close()
+    (tmp_path / "seq").unlink()
+    spool = _spool(tmp_path)
+    assert spool.take_seq() > taken[-1]
+    spool.add(_readings(1))
+    spool.commit()
+    row = spool.pack(10, _build)
+    assert row is not None
+    assert row.seq > taken[-1]
+    spool.close()
+
+
+# -- readings whose time is not yet trustworthy --------------------------------------
+
+
+def _unsynced(n: int, start: int = 0, sensor: str = "air_1") -> list[Reading]:
+    """Stamped with CLOCK_BOOTTIME seconds, as before the clock is trusted."""
+    return [
+        Reading(sensor, "pm2_5", float(start + i), "ug/m3", 100.0 + i, TIME_UNSYNCED)
+        for i in range(n)
+    ]
+
+
+def _open(tmp_path: Path, boot_id: str, budget: int = 64 << 20) -> Spool:
+    return Spool(tmp_path / "spool.sqlite", tmp_path / "seq", budget_bytes=budget, boot_id=boot_id)
+
+
+def _packed(spool: Spool) -> list[Reading]:
+    """Pack everything packable with a builder that keeps the readings it was given."""
+    got: list[Reading] = []
+
+    def keep(readings: Sequence[Reading], seq: int) -> tuple[str, bytes]:
+        got.extend(readings)
+        return "citygate/gw/telemetry", str(seq).encode()
+
+    spool.pack_ready(1000, keep, partial=True)
+    return got
+
+
+def test_unsynced_readings_are_held_and_pack_takes_the_oldest_of_the_rest(
+    tmp_path: Path,
+) -> None:
+    spool = _open(tmp_path, "boot-a")
+    spool.add(_unsynced(3))
+    spool.add(_readings(2, start=10))
+    spool.add(_unsynced(2, start=20))
+    spool.add(_readings(2, start=30))
+    spool.commit()
+    assert (spool.pending_readings, spool.pending_unsynced) == (9, 5)
+    assert [r.value for r in _packed(spool)] == [10.0, 11.0, 30.0, 31.0]
+    assert (spool.pending_readings, spool.pending_unsynced) == (5, 5)
+    assert spool.pack(10, _build) is None  # held ones are never packed
+    spool.close()
+
+
+def test_correct_times_turns_boot_time_into_wall_time_for_held_and_later_readings(
+    tmp_path: Path,
+) -> None:
+    spool = _open(tmp_path, "boot-a")
+    spool.add(_unsynced(3))
+    spool.commit()
+    spool.close()
+    spool = _open(tmp_path, "boot-a")  # a restart within the same boot: still correctable
+    assert spool.correct_times(1_760_000_000.0) == 3
+    assert spool.pending_unsynced == 0
+    spool.add(_unsynced(1, start=3))  # stamped before the clock was trusted, handed over after
+    spool.commit()
+    got = _packed(spool)
+    assert [(r.time, r.time_quality) for r in got] == [
+        (1_760_000_100.0, TIME_SYNCED),
+        (1_760_000_101.0, TIME_SYNCED),
+        (1_760_000_102.0, TIME_SYNCED),
+        (1_760_000_100.0, TIME_SYNCED),
+    ]
+    spool.close()
+
+
+def test_held_readings_of_an_earlier_boot_go_out_flagged_as_before_this_boot(
+    tmp_path: Path,
+) -> None:
+    spool = _open(tmp_path, "boot-a")
+    spool.add(_unsynced(2, sensor="bin_1"))
+    spool.commit()
+    spool.close()
+    spool = _open(tmp_path, "boot-b")
+    spool.add(_unsynced(1, sensor="air_1"))
+    spool.commit()
+    assert spool.pending_unsynced == 3
+    assert _packed(spool) == []  # nothing goes out before the clock is trusted
+    assert spool.correct_times(1_800_000_000.0) == 3
+    got = {(r.sensor, r.time, r.time_quality) for r in _packed(spool)}
+    assert got == {
+        ("bin_1", 1_800_000_000.0, TIME_BEFORE),
+        ("air_1", 1_800_000_100.0, TIME_SYNCED),
+    }
+    spool.close()
+
+
+def test_readings_of_an_earlier_boot_stay_marked_across_restarts(tmp_path: Path) -> None:
+    spool = _open(tmp_path, "boot-a")
+    spool.add(_unsynced(2))
+    spool.commit()
+    spool.close()
+    _open(tmp_path, "boot-b").close()  # boot b marks them, and stops before the clock is trusted
+    spool = _open(tmp_path, "boot-b")
+    assert spool.correct_times(1_800_000_000.0) == 2
+    assert {(r.time, r.time_quality) for r in _packed(spool)} == {(1_800_000_000.0, TIME_BEFORE)}
+    spool.close()
+
+
+def test_held_readings_count_in_the_budget_and_their_count_survives_drops(tmp_path: Path) -> None:
+    spool = _open(tmp_path, "boot-a", budget=60_000)
+    for batch in range(30):
+        spool.add(_unsynced(200, start=batch * 200))
+        spool.commit()
+    stats = spool.stats()
+    assert stats.dropped_readings > 0
+    assert stats.bytes_used <= 60_000
+    assert spool.pending_unsynced == spool.pending_readings == 6000 - stats.dropped_readings
+    spool.close()
+    spool = _open(tmp_path, "boot-a", budget=60_000)
+    assert spool.pending_unsynced == spool.pending_readings
     spool.close()

@@ -1,0 +1,413 @@
+"""Signed health reports and events (DESIGN.md §4, topics `health` and `events`).
+
+Status travels in the telemetry envelope: a SenML CBOR pack with one record
+group per subject (a sensor id, or "agent" for the gateway itself), sealed as
+a COSE_Sign1 for its topic, so `citygate verify` and every consumer that
+verifies telemetry verifies health and events too. Text and yes/no values use
+SenML's `vs` and `vb`.
+
+- `encode_status` and `report_groups` are pure functions of values.
+- `Health` is the orchestrator. It publishes a report on each new session,
+  then every `interval_s` and on `request()`; it queues events in a bounded
+  queue (when full, the oldest goes and is counted) and publishes them in
+  order, one at a time, removing each only after its PUBACK. An event is
+  signed once, at its first attempt, and re-sent byte-identical after a lost
+  session, so consumers drop duplicates by (gateway, seq) as for telemetry.
+  It also watches the drivers and turns availability changes into
+  `sensor_fault` / `sensor_recovered` events.
+
+Trusts: its arguments and the sources it polls (the agent's own parts). A
+source that fails costs one report, logged, never the service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import re
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import cbor2
+
+from agent.envelope import EncodingError, Signer, seal
+from agent.mqtt import PublishRefused, SessionLost
+from agent.spool import SpoolStats
+from drivers.base import Driver
+
+log = logging.getLogger(__name__)
+
+#: the subject of everything about the gateway itself (sensor subjects are sensor ids)
+AGENT: Final = "agent"
+#: how often driver states are polled for availability changes
+POLL_S: Final = 1.0
+#: a driver that has never been available is reported faulty after this long
+STARTUP_GRACE_S: Final = 30.0
+
+Value = float | str | bool
+#: (name, unit, value); an empty unit is left out of the record
+StatusRecord = tuple[str, str, Value]
+#: subject -> its records, in the order they are to be sent
+Groups = Mapping[str, Sequence[StatusRecord]]
+
+# SenML labels (RFC 8428 §6).
+_BN, _BT, _N, _U, _V, _VS, _VB = -2, -3, 0, 1, 2, 3, 4
+_URN_PREFIX: Final = "urn:dev:citygate:"
+_NAME: Final = re.compile(r"[A-Za-z0-9._-]+")  # subjects, record names and event kinds
+_SAFE_INT: Final = 2**53
+_COUNT: Final = "count"  # SenML unit of a counter value (RFC 8428 §12.1)
+_BYTES: Final = "B"  # SenML unit byte (RFC 8798)
+_RECOVERY_WORDS: Final = frozenset({"ok", "recovered", "synced"})
+
+
+# --- encoding ---------------------------------------------------------------
+
+
+def _number(value: float) -> int | float:
+    """Integral values as integers, others as floats (cbor2 picks the shortest width)."""
+    if not math.isfinite(value):
+        raise EncodingError(f"non-finite number {value!r} cannot be sent")
+    if float(value).is_integer() and abs(value) < _SAFE_INT:
+        return int(value)
+    return float(value)
+
+
+def _value(name: str, value: object) -> tuple[int, Any]:
+    """The SenML label and CBOR value for one record value (bool before int: True is an int)."""
+    if isinstance(value, bool):
+        return _VB, value
+    if isinstance(value, str):
+        return _VS, value
+    if isinstance(value, int | float):
+        return _V, _number(value)
+    raise EncodingError(f"record {name!r}: cannot send a {type(value).__name__}")
+
+
+def _check_name(kind: str, value: str) -> None:
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise EncodingError(f"{kind} {value!r} must be letters, digits, '.', '_' or '-'")
+
+
+def encode_status(gateway_id: str, groups: Groups, time: float) -> bytes:
+    """The SenML CBOR pack of `groups`, all stamped `time` (the base time of each group).
+
+    Each group's first record carries the base name
+    `urn:dev:citygate:<gateway>:<subject>:`. The same arguments always give
+    the same bytes.
+    """
+    if not gateway_id or any(ch in gateway_id for ch in ":/+#"):
+        raise EncodingError(f"gateway id {gateway_id!r} must be non-empty without ':/+#'")
+    if not groups:
+        raise EncodingError("a status pack needs at least one group")
+    base_time = _number(time)
+    pack: list[dict[int, Any]] = []
+    for subject, records in groups.items():
+        _check_name("subject", subject)
+        if not records:
+            raise EncodingError(f"group {subject!r} has no records")
+        for index, (name, unit, value) in enumerate(records):
+            _check_name("record name", name)
+            record: dict[int, Any] = {}
+            if index == 0:
+                record[_BN] = f"{_URN_PREFIX}{gateway_id}:{subject}:"
+                record[_BT] = base_time
+            record[_N] = name
+            if unit:
+                record[_U] = unit
+            label, encoded = _value(name, value)
+            record[label] = encoded
+            pack.append(record)
+    return cbor2.dumps(pack, canonical=True)
+
+
+def report_groups(
+    *,
+    spool: SpoolStats,
+    drivers: Sequence[Driver],
+    cert_not_after: float,
+    clock_synced: bool,
+    connects: int,
+    update_state: str = "idle",
+    now: float,
+) -> dict[str, list[StatusRecord]]:
+    """A health report: the "agent" group, then one group per driver (subject = sensor id).
+
+    `cert_not_after` is the certificate's end as unix seconds; `connects`
+    counts sessions since start. A driver group says whether the sensor is
+    available, why (or why not), and the driver's counters.
+    """
+    groups: dict[str, list[StatusRecord]] = {
+        AGENT: [
+            ("spool_readings", _COUNT, spool.readings + spool.buffered),
+            ("spool_unsynced", _COUNT, spool.unsynced),
+            ("spool_messages", _COUNT, spool.messages),
+            ("spool_bytes", _BYTES, spool.bytes_used),
+            ("dropped_readings", _COUNT, spool.dropped_readings),
+            ("dropped_memory", _COUNT, spool.memory_dropped),
+            ("disk_full", "", spool.disk_full),
+            ("clock_synced", "", clock_synced),
+            ("cert_expires_in", "s", math.floor(cert_not_after - now)),
+            ("connects", _COUNT, connects),
+            ("update", "", update_state),
+        ]
+    }
+    for driver in drivers:
+        state = driver.state()
+        groups[driver.sensor_id] = [
+            ("available", "", state.available),
+            ("reason", "", state.reason),
+            *((name, _COUNT, count) for name, count in sorted(state.counters.items())),
+        ]
+    return groups
+
+
+def is_recovery(kind: str) -> bool:
+    """Whether an event kind reports a return to normal (`disk_ok`, `sensor_recovered`,
+    `clock_synced`) rather than an alarm (`clock_unsynced` is an alarm)."""
+    return kind.rsplit("_", 1)[-1] in _RECOVERY_WORDS
+
+
+# --- orchestration ----------------------------------------------------------
+
+
+class Link(Protocol):
+    """What health needs of a live MQTT session (agent.mqtt.Session is the real one)."""
+
+    lost: asyncio.Future[str]  # completes when the connection is gone
+
+    async def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> None:
+        """Return on a successful PUBACK; raise PublishRefused or SessionLost otherwise."""
+
+
+@dataclass(slots=True)
+class _Event:
+    kind: str
+    subject: str
+    senml: bytes  # encoded when the event happened
+    message: bytes | None = None  # sealed at the first attempt, then re-sent as is
+
+
+@dataclass(slots=True)
+class _Watched:
+    driver: Driver
+    since: float | None = None  # loop time of the first poll
+    seen_up: bool = False  # has been available since the watch began
+    faulted: bool = False  # a sensor_fault was raised and not yet recovered
+
+
+class Health:
+    """Publishes signed health reports and events over the uplink's sessions.
+
+    `event`, `request` and `watch_drivers` are for the event loop's thread
+    (like the rest of the agent); `run` does all the I/O.
+    """
+
+    def __init__(
+        self,
+        *,
+        gateway_id: str,
+        signer: Signer,
+        health_topic: str,
+        events_topic: str,
+        interval_s: float,
+        events_max: int,
+        take_seq: Callable[[], int],
+        sources: Callable[[], Groups],
+        clock: Callable[[], float] = time.time,
+        poll_s: float = POLL_S,
+    ) -> None:
+        self._gateway_id = gateway_id
+        self._signer = signer
+        self._health_topic = health_topic
+        self._events_topic = events_topic
+        self._interval_s = interval_s
+        self._events_max = max(1, events_max)
+        self._take_seq = take_seq
+        self._sources = sources
+        self._clock = clock
+        self._poll_s = poll_s
+        self._queue: deque[_Event] = deque()
+        self._wake = asyncio.Event()
+        self._report_wanted = False
+        self._next_report = 0.0  # loop time
+        self._watched: list[_Watched] = []
+        self._grace_s = STARTUP_GRACE_S
+        self.reports_published = 0
+        self.events_published = 0
+        self.events_dropped = 0
+
+    @property
+    def events_queued(self) -> int:
+        """Events waiting for a session (not counting one in flight)."""
+        return len(self._queue)
+
+    def event(self, kind: str, /, subject: str, **detail: float | str | bool) -> None:
+        """Queue a signed event about `subject` ("agent" or a sensor id); never blocks or raises.
+
+        The level of its log line follows from `kind` (see `is_recovery`).
+        An event that cannot be encoded is logged as an error and dropped.
+        """
+        when = self._clock()
+        records: list[StatusRecord] = [
+            ("event", "", kind),
+            *((n, "", v) for n, v in detail.items()),
+        ]
+        try:
+            _check_name("event kind", kind)
+            senml = encode_status(self._gateway_id, {subject: records}, when)
+        except EncodingError as exc:
+            log.error("event %r for %r cannot be sent: %s", kind, subject, exc)
+            return
+        shown = "".join(f" {name}={value!r}" for name, value in detail.items())
+        log.log(
+            logging.INFO if is_recovery(kind) else logging.WARNING, "%s: %s%s", subject, kind, shown
+        )
+        if len(self._queue) >= self._events_max:
+            self._queue.popleft()
+            self.events_dropped += 1
+        self._queue.append(_Event(kind, subject, senml))
+        self._wake.set()
+
+    def request(self) -> None:
+        """Publish a report as soon as a session allows (e.g. for a `cmd/health` command)."""
+        self._report_wanted = True
+        self._wake.set()
+
+    def watch_drivers(self, drivers: Sequence[Driver], *, grace_s: float = STARTUP_GRACE_S) -> None:
+        """Raise `sensor_fault` when a driver becomes unavailable (or never becomes available
+        within `grace_s` of the first poll) and `sensor_recovered` when it is back."""
+        self._watched = [_Watched(driver) for driver in drivers]
+        self._grace_s = grace_s
+
+    async def run(self, session: Callable[[], Awaitable[Link]]) -> None:
+        """Forever: watch the drivers and publish over each live session `session()` gives."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._watch(), name="health-watch")
+            group.create_task(self._publish(session), name="health-publish")
+
+    # -- drivers ------------------------------------------------------------
+
+    async def _watch(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            for watched in self._watched:
+                self._check(watched, loop.time())
+            await asyncio.sleep(self._poll_s)
+
+    def _check(self, watched: _Watched, now: float) -> None:
+        state = watched.driver.state()
+        sensor = watched.driver.sensor_id
+        if watched.since is None:
+            watched.since = now
+        if state.available:
+            watched.seen_up = True
+            if watched.faulted:
+                watched.faulted = False
+                self.event("sensor_recovered", sensor)
+        elif not watched.faulted and (watched.seen_up or now - watched.since >= self._grace_s):
+            watched.faulted = True
+            self.event("sensor_fault", sensor, reason=state.reason)
+
+    # -- publishing ---------------------------------------------------------
+
+    async def _publish(self, session: Callable[[], Awaitable[Link]]) -> None:
+        while True:
+            current = await session()
+            try:
+                await self._serve(current)
+            except SessionLost as exc:
+                log.debug("health: session lost (%s); waiting for the next one", exc)
+                # a publish can fail just before `lost` completes: never spin on a dying session
+                await asyncio.wait({current.lost}, timeout=self._poll_s)
+
+    async def _serve(self, session: Link) -> None:
+        """Report now, then report when due and send events, until the session is lost."""
+        loop = asyncio.get_running_loop()
+        self._report_wanted = True
+        while True:
+            self._wake.clear()
+            if self._report_wanted or loop.time() >= self._next_report:
+                await self._send_report(session)
+            await self._send_events(session)
+            await self._idle(session, until=self._next_report)
+            if session.lost.done():
+                raise SessionLost(session.lost.result())
+
+    async def _idle(self, session: Link, *, until: float) -> None:
+        """Until an event or request arrives, the session is lost, or loop time `until`."""
+        waiter: asyncio.Future[Any] = asyncio.ensure_future(self._wake.wait())
+        waiters: set[asyncio.Future[Any]] = {waiter, session.lost}
+        left = until - asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait(waiters, timeout=max(0.0, left), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+
+    async def _send_report(self, session: Link) -> None:
+        self._report_wanted = False
+        self._next_report = asyncio.get_running_loop().time() + self._interval_s
+        try:
+            message = self._seal(self._report_senml(), self._health_topic)
+        # the sources are other parts of the agent (spool, drivers, ...): whatever fails
+        # there costs this one report, never the service
+        except Exception:
+            log.exception("health report skipped")
+            return
+        try:
+            await session.publish(self._health_topic, message, qos=1)
+        except PublishRefused as exc:
+            log.error("health report dropped: %s", exc)
+            return
+        self.reports_published += 1
+
+    def _report_senml(self) -> bytes:
+        groups = {subject: list(records) for subject, records in self._sources().items()}
+        groups.setdefault(AGENT, []).append(("events_dropped", _COUNT, self.events_dropped))
+        return encode_status(self._gateway_id, groups, self._clock())
+
+    async def _send_events(self, session: Link) -> None:
+        """Publish queued events in order; each leaves the queue only when acknowledged."""
+        while self._queue:
+            head = self._queue[0]
+            if head.message is None:
+                try:
+                    head.message = self._seal(head.senml, self._events_topic)
+                # no seq (e.g. SpoolFull: the seq file cannot grow): keep the event and try
+                # again on the next wake; whatever the cause, the service goes on
+                except Exception as exc:
+                    log.error(
+                        "event %s for %s kept, cannot sign it: %s", head.kind, head.subject, exc
+                    )
+                    return
+            self._queue.popleft()
+            try:
+                await session.publish(self._events_topic, head.message, qos=1)
+            except PublishRefused as exc:
+                log.error("event %s for %s dropped: %s", head.kind, head.subject, exc)
+                continue
+            except BaseException:  # lost session or cancelled: it goes again, first
+                self._put_back(head)
+                raise
+            self.events_published += 1
+
+    def _put_back(self, event: _Event) -> None:
+        self._queue.appendleft(event)
+        while len(self._queue) > self._events_max:
+            self._queue.popleft()
+            self.events_dropped += 1
+
+    def _seal(self, senml: bytes, topic: str) -> bytes:
+        return seal(
+            senml,
+            signer=self._signer,
+            gateway_id=self._gateway_id,
+            seq=self._take_seq(),
+            iat=int(self._clock()),
+            topic=topic,
+        )
