@@ -18,6 +18,10 @@ with `boot_wall_start` once the clock is trusted.
 call: the clock became trusted or untrusted, or it jumped (the offset between
 wall clock and boot time moved by more than a threshold).
 
+Other things the agent dates (events, for one) take a `Moment`: the
+wall time if the clock is trusted, else the boot time, which `date` turns
+into wall time once the clock is trusted, as the spool does for readings.
+
 Trust: the wall clock only at or above the floor; CLOCK_BOOTTIME always (the
 kernel counts it and it cannot be set).
 """
@@ -67,6 +71,15 @@ class ClockChange:
     step_s: float
 
 
+@dataclass(frozen=True, slots=True)
+class Moment:
+    """When something happened, as well as the clocks could tell then: wall time when
+    `synced`, else CLOCK_BOOTTIME seconds of this boot (`WallClock.date` dates it later)."""
+
+    t: float
+    synced: bool
+
+
 class WallClock:
     """The wall clock with the trust rule; the clock functions are injectable for tests."""
 
@@ -102,6 +115,19 @@ class WallClock:
         """The wall time of this boot as the clock now tells it: wall now minus boot time now."""
         wall_now, boot_now = self._sample()
         return wall_now - boot_now
+
+    def moment(self) -> Moment:
+        """Now: the wall time if it can be believed, else the boot time."""
+        wall_now, boot_now = self._sample()
+        return Moment(wall_now, True) if wall_now >= self.floor else Moment(boot_now, False)
+
+    def date(self, moment: Moment) -> float | None:
+        """The wall time of `moment` (of this boot), or None while it cannot be told yet:
+        the moment was taken by boot time and the clock is still not trusted."""
+        if moment.synced:
+            return moment.t
+        wall_now, boot_now = self._sample()
+        return moment.t + wall_now - boot_now if wall_now >= self.floor else None
 
     def untrusted_offset(self) -> float | None:
         """Wall minus boot time as last seen below the floor (now, if it is below it now).

@@ -13,6 +13,9 @@ SenML's `vs` and `vb`.
   order, one at a time, removing each only after its PUBACK. An event is
   signed once, at its first attempt, and re-sent byte-identical after a lost
   session, so consumers drop duplicates by (gateway, seq) as for telemetry.
+  An event that happens while the wall clock cannot be believed (a gateway
+  booted at 1970) is timed by boot time and dated, then sent, once it can
+  (agent.clock.Moment): never sent with a 1970 time.
   It also watches the drivers and turns availability changes into
   `sensor_fault` / `sensor_recovered` events.
 
@@ -34,6 +37,7 @@ from typing import Any, Final, Protocol
 
 import cbor2
 
+from agent.clock import Moment, WallClock
 from agent.envelope import EncodingError, Signer, seal
 from agent.mqtt import PublishRefused, SessionLost
 from agent.spool import SpoolStats
@@ -189,7 +193,8 @@ class Link(Protocol):
 class _Event:
     kind: str
     subject: str
-    senml: bytes  # encoded when the event happened
+    records: list[StatusRecord]
+    when: Moment  # when it happened; dated (if it was by boot time) when first sealed
     message: bytes | None = None  # sealed at the first attempt, then re-sent as is
 
 
@@ -220,6 +225,7 @@ class Health:
         take_seq: Callable[[], int],
         sources: Callable[[], Groups],
         clock: Callable[[], float] = time.time,
+        wall: WallClock | None = None,
         poll_s: float = POLL_S,
     ) -> None:
         self._gateway_id = gateway_id
@@ -231,6 +237,7 @@ class Health:
         self._take_seq = take_seq
         self._sources = sources
         self._clock = clock
+        self._wall = wall
         self._poll_s = poll_s
         self._queue: deque[_Event] = deque()
         self._wake = asyncio.Event()
@@ -252,15 +259,17 @@ class Health:
 
         The level of its log line follows from `kind` (see `is_recovery`).
         An event that cannot be encoded is logged as an error and dropped.
+        With a `wall` clock, an event that happens while it is not trusted is
+        timed by boot time, and dated (and sent) once it is.
         """
-        when = self._clock()
+        when = self._wall.moment() if self._wall is not None else Moment(self._clock(), True)
         records: list[StatusRecord] = [
             ("event", "", kind),
             *((n, "", v) for n, v in detail.items()),
         ]
         try:
             _check_name("event kind", kind)
-            senml = encode_status(self._gateway_id, {subject: records}, when)
+            encode_status(self._gateway_id, {subject: records}, when.t)  # refused now, not later
         except EncodingError as exc:
             log.error("event %r for %r cannot be sent: %s", kind, subject, exc)
             return
@@ -271,7 +280,7 @@ class Health:
         if len(self._queue) >= self._events_max:
             self._queue.popleft()
             self.events_dropped += 1
-        self._queue.append(_Event(kind, subject, senml))
+        self._queue.append(_Event(kind, subject, records, when))
         self._wake.set()
 
     def request(self) -> None:
@@ -376,8 +385,12 @@ class Health:
         while self._queue:
             head = self._queue[0]
             if head.message is None:
+                when = self._wall.date(head.when) if self._wall is not None else head.when.t
+                if when is None:
+                    return  # it happened before the clock was set, which it still is not
+                senml = encode_status(self._gateway_id, {head.subject: head.records}, when)
                 try:
-                    head.message = self._seal(head.senml, self._events_topic)
+                    head.message = self._seal(senml, self._events_topic)
                 # no seq (e.g. SpoolFull: the seq file cannot grow): keep the event and try
                 # again on the next wake; whatever the cause, the service goes on
                 except Exception as exc:

@@ -182,6 +182,7 @@ class Service:
             events_max=config.health.events_max,
             take_seq=self.spool.take_seq,
             sources=self._health_sources,
+            wall=self.clock,
         )
         self.health.watch_drivers(self.drivers)
         self.commands = Commands(

@@ -36,8 +36,9 @@ after that, `commit` corrects late ones itself. The kernel boot id is kept in
 `meta` with them. Held readings of an earlier boot (another boot id) cannot be
 corrected: the first write that needs it marks them "before, undated" (never
 the open itself, which must work on a full disk), and once `correct_times` has
-run they are packed with TIME_BEFORE and the start of this boot as their time
-(they are known to be older).
+run they are packed with TIME_BEFORE, dated back from the start of this boot as
+far apart as they were taken (`_date_before`): they stay distinct and in order,
+and each time is one the reading is known to be older than.
 
 Trusts: its own database file. Readings come from drivers already typed.
 """
@@ -238,10 +239,11 @@ class Spool:
 
         `boot_wall_start` is the wall-clock time at which CLOCK_BOOTTIME was 0
         in this boot. TIME_UNSYNCED readings of this boot become TIME_SYNCED
-        at `t + boot_wall_start`; those of an earlier boot become TIME_BEFORE
-        at `boot_wall_start`. Later TIME_UNSYNCED readings are corrected as
-        they are committed. Raises SpoolFull if the disk refuses (the dating
-        is then retried after the next successful commit).
+        at `t + boot_wall_start`; those of an earlier boot become TIME_BEFORE,
+        dated back from `boot_wall_start` as far apart as they were taken
+        (`_date_before`). Later TIME_UNSYNCED readings are corrected as they
+        are committed. Raises SpoolFull if the disk refuses (the dating is
+        then retried after the next successful commit).
         """
         self._boot_wall_start = boot_wall_start
         self._dating_due = True
@@ -465,14 +467,42 @@ class Spool:
                 "UPDATE readings SET t = t + ?, tq = ? WHERE tq = ?",
                 (start, TIME_SYNCED, TIME_UNSYNCED),
             ).rowcount
-            dated = self._db.execute(
-                "UPDATE readings SET t = ?, tq = ? WHERE tq = ?",
-                (start, TIME_BEFORE, _UNDATED_BEFORE),
-            ).rowcount
+            dated = self._date_before(start)
         self._boot_claimed = True
         self._dating_due = False
         self._held -= fixed + dated
         return fixed + dated
+
+    def _date_before(self, start: float) -> int:
+        """In a transaction: date the readings of earlier boots back from `start`.
+
+        The newest goes to `start`. Within a boot each keeps its boot-time
+        distance from the newest of that boot; where boot time goes back between
+        two readings (a boot began in between), the older boot's newest goes to
+        the start of the newer boot. So every time is one its reading was taken
+        before, and the readings keep their order and spacing (one time for all
+        would merge a sensor's readings for any consumer keyed by name and time).
+        """
+        (newest,) = self._db.execute(
+            "SELECT max(id) FROM readings WHERE tq = ?", (_UNDATED_BEFORE,)
+        ).fetchone()
+        if newest is None:
+            return 0
+        (newest_t,) = self._db.execute("SELECT t FROM readings WHERE id = ?", (newest,)).fetchone()
+        # the first reading of each later boot, and the boot time of the reading before it
+        boots = self._db.execute(
+            "SELECT id, before FROM (SELECT id, t, lag(t) OVER (ORDER BY id) AS before "
+            "FROM readings WHERE tq = ?) WHERE before > t ORDER BY id DESC",
+            (_UNDATED_BEFORE,),
+        ).fetchall()
+        shift, last, dated = start - float(newest_t), int(newest), 0
+        for first, before in [*boots, (0, 0.0)]:
+            dated += self._db.execute(
+                "UPDATE readings SET t = t + ?, tq = ? WHERE tq = ? AND id BETWEEN ? AND ?",
+                (shift, TIME_BEFORE, _UNDATED_BEFORE, first, last),
+            ).rowcount
+            shift, last = shift - float(before), int(first) - 1
+        return dated
 
     def _keep_budget(self) -> None:
         with _logged("keeping the byte budget"):

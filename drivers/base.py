@@ -15,7 +15,7 @@ from typing import Any, Protocol
 #: time quality of a reading's timestamp
 TIME_SYNCED = 0  # unix seconds from a trusted wall clock (agent.clock)
 TIME_UNSYNCED = 1  # CLOCK_BOOTTIME seconds of this boot: the wall clock was not set yet
-TIME_BEFORE = 2  # from an earlier boot whose clock was never set; time = this boot's wall start
+TIME_BEFORE = 2  # from an earlier boot whose clock was never set; time: an upper bound
 
 
 @dataclass(frozen=True, slots=True)

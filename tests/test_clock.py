@@ -31,6 +31,7 @@ from agent.clock import (
     TRUSTED,
     UNTRUSTED,
     ClockChange,
+    Moment,
     WallClock,
     boottime,
     trust_floor,
@@ -138,6 +139,26 @@ def test_the_offset_seen_while_untrusted_is_remembered_after_the_clock_is_set() 
     assert clock.untrusted_offset() == 490.0
     clocks.wall = REAL
     assert clock.untrusted_offset() == 490.0
+
+
+def test_a_moment_of_an_unset_clock_is_dated_once_the_clock_is_set() -> None:
+    clocks = Clocks(wall=500.0)
+    clock = clocks.clock()
+    early = clock.moment()
+    assert early == Moment(clocks.boot, False)  # boot time: the wall clock cannot be believed
+    assert clock.date(early) is None
+    clocks.advance(30.0)
+    clocks.wall = REAL  # NTP sets the clock 30 s later
+    assert clock.date(early) == REAL - 30.0
+    assert clock.moment() == Moment(REAL, True)
+
+
+def test_a_moment_of_a_trusted_clock_keeps_its_wall_time_through_later_jumps() -> None:
+    clocks = Clocks(wall=REAL)
+    clock = clocks.clock()
+    moment = clock.moment()
+    clocks.wall -= 3600.0
+    assert clock.date(moment) == REAL
 
 
 def test_the_real_clocks_give_a_boot_start_in_the_past() -> None:

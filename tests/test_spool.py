@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -278,11 +279,12 @@ def test_held_readings_of_an_earlier_boot_go_out_flagged_as_before_this_boot(
     assert spool.pending_unsynced == 3
     assert _packed(spool) == []  # nothing goes out before the clock is trusted
     assert spool.correct_times(1_800_000_000.0) == 3
-    got = {(r.sensor, r.time, r.time_quality) for r in _packed(spool)}
-    assert got == {
+    got = [(r.sensor, r.time, r.time_quality) for r in _packed(spool)]
+    assert got == [  # the newest of boot a at the start of boot b, the other a second earlier
+        ("bin_1", 1_799_999_999.0, TIME_BEFORE),
         ("bin_1", 1_800_000_000.0, TIME_BEFORE),
         ("air_1", 1_800_000_100.0, TIME_SYNCED),
-    }
+    ]
     spool.close()
 
 
@@ -294,7 +296,34 @@ def test_readings_of_an_earlier_boot_stay_marked_across_restarts(tmp_path: Path)
     _open(tmp_path, "boot-b").close()  # boot b marks them, and stops before the clock is trusted
     spool = _open(tmp_path, "boot-b")
     assert spool.correct_times(1_800_000_000.0) == 2
-    assert {(r.time, r.time_quality) for r in _packed(spool)} == {(1_800_000_000.0, TIME_BEFORE)}
+    assert [(r.time, r.time_quality) for r in _packed(spool)] == [
+        (1_799_999_999.0, TIME_BEFORE),
+        (1_800_000_000.0, TIME_BEFORE),
+    ]
+    spool.close()
+
+
+def test_readings_of_two_earlier_boots_keep_their_order_and_a_time_they_were_taken_before(
+    tmp_path: Path,
+) -> None:
+    spool = _open(tmp_path, "boot-a")
+    spool.add(_unsynced(3, sensor="bin_1"))  # boot times 100-102
+    spool.commit()
+    spool.close()
+    spool = _open(tmp_path, "boot-b")
+    spool.add([replace(r, time=r.time - 95.0) for r in _unsynced(2, start=3, sensor="bin_1")])
+    spool.commit()  # boot times 5-6: boot b began after boot a's last reading
+    spool.close()
+    spool = _open(tmp_path, "boot-c")
+    assert spool.correct_times(1_800_000_000.0) == 5
+    got = [(r.value, r.time, r.time_quality) for r in _packed(spool)]
+    assert got == [
+        (0.0, 1_799_999_992.0, TIME_BEFORE),  # boot a, spaced as taken, its newest at the
+        (1.0, 1_799_999_993.0, TIME_BEFORE),  # start of boot b (5 s of boot time before
+        (2.0, 1_799_999_994.0, TIME_BEFORE),  # boot b's first reading)
+        (3.0, 1_799_999_999.0, TIME_BEFORE),  # boot b: its newest at the start of boot c
+        (4.0, 1_800_000_000.0, TIME_BEFORE),
+    ]
     spool.close()
 
 
