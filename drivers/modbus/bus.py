@@ -17,8 +17,11 @@ first served). Before each request it keeps
 
 Retries (for no answer, "busy" and "acknowledge" exceptions) queue again like
 any other transaction, so a dead or slow device costs the bus only its own
-timeouts. A link that cannot be opened is retried with a backoff (0.5 s
-doubling to 30 s); while it is down, requests fail at once with the reason.
+timeouts. After a timeout an RTU line is kept quiet for one more timeout, so
+that a late reply (which carries no transaction id) is dropped instead of being
+taken for the answer to the next request. A link that cannot be opened is
+retried with a backoff (0.5 s doubling to 30 s, each retry logged with its
+delay); while it is down, requests fail at once with the reason.
 
 Trust: nothing from the wire is interpreted here; `drivers.modbus.link`
 checks replies. Devices are trusted callers within the process.
@@ -160,12 +163,14 @@ class Bus:
             limit = device.timeout_s + self.byte_time_s * (out + back)
             started = loop.time()
             received = 0
+            timed_out = False
             try:
                 async with asyncio.timeout(limit):
                     result = await call()
                 received = back
             except TimeoutError:
                 device.counters["timeouts"] += 1
+                timed_out = True
                 raise NoReply(
                     f"no answer from unit {device.unit} within {limit * 1000:.0f} ms"
                 ) from None
@@ -175,7 +180,20 @@ class Bus:
                 raise
             finally:
                 self._finish(loop, device, started, out, received)
+                if timed_out:
+                    self._await_late_reply(loop, limit)
             return result
+
+    def _await_late_reply(self, loop: asyncio.AbstractEventLoop, limit: float) -> None:
+        """After a timeout on a serial line, keep it quiet for one more timeout.
+
+        An RTU reply carries no transaction id: a device that answers late would
+        have its reply taken for the answer to the next request (stale values, or
+        another register group's). A late reply that arrives while nothing is asked
+        is dropped by the client. TCP replies carry the transaction id: no wait.
+        """
+        if not self.settings.is_tcp:
+            self._quiet_at = max(self._quiet_at, loop.time() + limit)
 
     def _finish(
         self, loop: asyncio.AbstractEventLoop, device: Device, started: float, out: int, back: int
@@ -205,6 +223,7 @@ class Bus:
         except LinkDown as exc:
             if str(exc) != self._down_reason:
                 _log.warning("bus %s: %s (retrying with backoff)", self.settings.port, exc)
+            _log.info("bus %s: retrying in %.1f s", self.settings.port, self._backoff)
             self._down_reason = str(exc)
             self._retry_open_at = now + self._backoff
             self._backoff = min(self._backoff * 2, BACKOFF_MAX_S)

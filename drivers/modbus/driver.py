@@ -18,7 +18,10 @@ Per poll:
 
 Polls keep to a fixed grid of ticks: a poll that overran delays the next
 one (which then starts at once) without losing it; only whole periods
-missed are skipped, never caught up in a burst.
+missed are skipped, never caught up in a burst. A device that leaves
+several polls in a row unanswered is polled with a backoff on the same grid
+(every 2nd, 4th, 8th ... tick, at most every 30 s), so that a dead device
+does not keep taking the bus from the live ones; any answer ends it.
 
 Trust: options are checked by `drivers.modbus.options`; register values are
 checked by pymodbus (CRC), `drivers.modbus.link` (shape) and the codec.
@@ -44,8 +47,10 @@ _log = logging.getLogger(__name__)
 
 _COUNTERS = (
     "polls", "readings", "no_answer", "exceptions", "bad_replies", "link_down",
-    "status_rejected", "warmup", "invalid_values",
+    "status_rejected", "warmup", "invalid_values", "polls_skipped",
 )  # fmt: skip
+#: the longest wait between polls of a device that does not answer
+BACKOFF_MAX_S = 30.0
 
 
 class ModbusDriver:
@@ -60,6 +65,7 @@ class ModbusDriver:
         self._available = False
         self._reason = "not started"
         self._first_answer: float | None = None  # loop time the device first answered
+        self._unanswered = 0  # polls in a row that got no answer
 
     def state(self) -> DriverState:
         counters = dict(self._counters)
@@ -84,6 +90,7 @@ class ModbusDriver:
             while True:
                 await self._poll(bus, self._device, emit)
                 tick = _next_tick(tick, profile.period_s, loop.time())
+                tick += self._back_off() * profile.period_s
                 await asyncio.sleep(max(tick - loop.time(), 0.0))
         finally:
             self._buses.release(bus)
@@ -113,15 +120,37 @@ class ModbusDriver:
                 self._counters["invalid_values"] += len(block.invalid)
                 problems.extend(f"not a number: {name}" for name in block.invalid)
                 status = "; ".join(s for s in (status, block.status) if s)
-        except (NoReply, LinkDown) as exc:
-            self._counters["no_answer" if isinstance(exc, NoReply) else "link_down"] += 1
+        except NoReply as exc:
+            self._counters["no_answer"] += 1
+            self._unanswered += 1
+            self._set(False, str(exc))
+            return
+        except LinkDown as exc:
+            self._counters["link_down"] += 1
+            self._unanswered = 0  # the bus reopens with its own backoff; then ask at once
             self._set(False, str(exc))
             return
         except LinkError as exc:  # a trigger write answered wrongly
+            self._unanswered = 0
             self._count_group_error(exc)
             self._set(False, f"trigger write: {exc}")
             return
+        self._unanswered = 0
         self._conclude(records, problems, status, emit)
+
+    def _back_off(self) -> int:
+        """Periods to leave out before the next poll; logged and counted."""
+        period = self.options.profile.period_s
+        skip = polls_to_skip(self._unanswered, period)
+        if skip:
+            self._counters["polls_skipped"] += skip
+            _log.info(
+                "%s: no answer %d times in a row; next poll in %.1f s",
+                self.sensor_id,
+                self._unanswered,
+                (skip + 1) * period,
+            )
+        return skip
 
     def _conclude(
         self, records: list[Record], problems: list[str], status: str, emit: Emit
@@ -167,6 +196,17 @@ class ModbusDriver:
 
 def _group(read: Read) -> str:
     return f"function {read.function} registers {read.start}-{read.start + read.count - 1}"
+
+
+def polls_to_skip(unanswered: int, period: float) -> int:
+    """Polls to leave out after `unanswered` polls in a row got no answer: none after the
+    first (one lost reply is no reason to lose a reading), then 1, 3, 7, ... so that the
+    wait doubles, up to BACKOFF_MAX_S (or one period, if that is longer). A device that
+    does not answer costs the bus its timeouts on every poll; the others need the bus."""
+    if unanswered < 2:
+        return 0
+    most = max(int(BACKOFF_MAX_S / period), 1)
+    return min(1 << min(unanswered - 1, 32), most) - 1
 
 
 def _next_tick(tick: float, period: float, now: float) -> float:

@@ -14,9 +14,13 @@ would have left a real UART at the configured baud rate (10 bits a byte for
 
 Faults: per device (see `EmulatedDevice`) no answer, late answers, exception
 codes, another word order, S8 warm-up; per bus `disconnect()` (TCP: drop the
-client's connection; RTU: hang up the pty, `replug()` makes a new one and
-re-points `link`, if given). A dead or unknown unit is silent: its reply is
-dropped on the way out.
+client's connection; RTU: hang up the pty and remove `link`, if given;
+`replug()` makes a new pty and points `link` at it). A dead or unknown unit is
+silent: its reply is dropped on the way out. Over TCP a device busy with a
+late answer ignores further requests (pymodbus's server would stamp the late
+answer with the newest request's transaction id, and a client would take a
+stale answer for a fresh one); the late answer of a request that others
+overtook is dropped.
 
 Each emulator runs its own asyncio loop in one background thread; use it as
 a context manager (or start()/stop()), which leaves no thread or fd behind.
@@ -44,6 +48,7 @@ _T = TypeVar("_T")
 
 BITS_PER_BYTE = 10  # 8N1: start, 8 data, stop
 BURST_BYTES = 4
+_MBAP_UNIT = 6  # the unit id's offset in a Modbus TCP frame
 _THREAD_TIMEOUT_S = 10.0
 
 
@@ -158,6 +163,10 @@ class _Emulator:
         device = self._by_unit.get(unit)
         return device is None or device.dead
 
+    def _busy(self, unit: int) -> bool:
+        device = self._by_unit.get(unit)
+        return device is not None and device.busy
+
     async def _setup(self) -> None:
         raise NotImplementedError
 
@@ -190,8 +199,13 @@ class ModbusTcpEmulator(_Emulator):
         self._server = server
 
     def _trace(self, sending: bool, data: bytes) -> bytes:
-        if sending and len(data) > 6 and self._silenced(data[6]):
-            return b""
+        if len(data) <= _MBAP_UNIT:
+            return data
+        unit = data[_MBAP_UNIT]
+        if sending:
+            return b"" if self._silenced(unit) else data
+        if self._busy(unit):  # readdressed to the catch-all device, whose replies are dropped
+            return data[:_MBAP_UNIT] + b"\0" + data[_MBAP_UNIT + 1 :]
         return data
 
     async def _teardown(self) -> None:
@@ -333,11 +347,6 @@ class ModbusRtuEmulator(_Emulator):
                 os.close(fd)
             self._device_pty = None
 
-    def stop(self) -> None:
-        super().stop()
-        if self.link is not None and os.path.islink(self.link):
-            os.unlink(self.link)
-
     def _plug(self) -> None:
         assert self._relay is not None
         master, slave = _raw_pty()
@@ -358,9 +367,15 @@ class ModbusRtuEmulator(_Emulator):
             for fd in self._host:
                 os.close(fd)
             self._host = None
+        # as udev removes an unplugged adapter's name: a stale link would point at a pty
+        # number that any process may get next
+        if self.link is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.link)
 
     def disconnect(self) -> None:
-        """Hang up the host's pty (an unplugged USB adapter); `replug()` brings a new one."""
+        """Hang up the host's pty (an unplugged USB adapter; `link` goes with it); `replug()`
+        brings a new one."""
         self._thread.call(self._unplug)
 
     def replug(self) -> None:

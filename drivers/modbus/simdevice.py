@@ -135,6 +135,12 @@ class EmulatedDevice:
         self._walks: dict[str, _Walk] = {}
         self._energy: dict[str, float] = {}
         self._values: dict[str, float] = {}
+        self._late = 0  # answers being delayed now (on the emulator's loop)
+
+    @property
+    def busy(self) -> bool:
+        """True while a late answer (`delay_s`) is still to be sent."""
+        return self._late > 0
 
     # -- fault injection -------------------------------------------------------------
 
@@ -293,7 +299,11 @@ class EmulatedDevice:
         with self.lock:
             self.requests += 1
         if self.delay_s > 0:
-            await asyncio.sleep(self.delay_s)
+            self._late += 1
+            try:
+                await asyncio.sleep(self.delay_s)
+            finally:
+                self._late -= 1
         for fault in self.exceptions:
             if fault.applies(function, address, count):
                 if fault.left > 0:

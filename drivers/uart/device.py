@@ -12,7 +12,8 @@ in raw mode; the host opens `port`, the slave path, as it would open
   through `send`,
 - injects faults on request: noise, truncated frames, bad checksums (hook
   `bad_frame`), silence, unplug and replug (a new pty; `link`, if given, is
-  a symlink re-pointed to it).
+  a symlink re-pointed to it, and gone while unplugged, as udev removes the
+  /dev/serial/by-id name of an unplugged adapter).
 
 Trust: bytes from the host are unverified; families check them with their
 codec and ignore what is malformed, as the real sensors do. The fault
@@ -148,8 +149,6 @@ class PtyDevice:
             os.close(self._wake_r)
             os.close(self._wake_w)
         self._unplug()
-        if self.link is not None and os.path.islink(self.link):
-            os.unlink(self.link)
 
     # -- for subclasses (device thread) ------------------------------------------------------
 
@@ -157,9 +156,10 @@ class PtyDevice:
         """Queue bytes for paced output; dropped while silent or unplugged."""
         self._queue(data, time.monotonic())
 
-    def _queue(self, data: bytes, at: float) -> None:
-        """Queue bytes whose first bit leaves at `at` (or when the wire is free)."""
-        if self._silent or self._master is None or not data:
+    def _queue(self, data: bytes, at: float, *, injected: bool = False) -> None:
+        """Queue bytes whose first bit leaves at `at` (or when the wire is free); `injected`
+        faults reach the line even while the device is silent."""
+        if (self._silent and not injected) or self._master is None or not data:
             return
         if not self._out:
             # a late wake-up of this thread may start the run up to CATCH_UP_S in the past,
@@ -171,7 +171,8 @@ class PtyDevice:
 
     @property
     def silent(self) -> bool:
-        """True while `set_silent(True)` holds: `send` drops everything."""
+        """True while `set_silent(True)` holds: `send` drops everything (injected faults
+        still go out)."""
         return self._silent
 
     def call(self, fn: Callable[[], None]) -> None:
@@ -192,9 +193,13 @@ class PtyDevice:
 
     # -- fault injection ------------------------------------------------------------------------
 
+    def _inject(self, data: bytes) -> None:
+        self._queue(data, time.monotonic(), injected=True)
+
     def inject_noise(self, n_bytes: int) -> None:
-        """Send `n_bytes` random bytes, as a loose connector or a shared line would."""
-        self.call(lambda: self.send(self.rng.randbytes(n_bytes)))
+        """Send `n_bytes` random bytes, as a loose connector or a shared line would (also
+        while silent: a sensor that sends nothing does not stop the noise)."""
+        self.call(lambda: self._inject(self.rng.randbytes(n_bytes)))
 
     def inject_truncated(self) -> None:
         """Send the first part of a frame only (at least one byte is missing)."""
@@ -202,7 +207,7 @@ class PtyDevice:
         def apply() -> None:
             frame = self.spare_frame()
             if frame and len(frame) > 1:
-                self.send(frame[: self.rng.randrange(1, len(frame))])
+                self._inject(frame[: self.rng.randrange(1, len(frame))])
                 with self.lock:
                     self.truncated_sent += 1
 
@@ -212,7 +217,7 @@ class PtyDevice:
         """Send one frame whose checksum is wrong."""
 
         def apply() -> None:
-            self.send(self.bad_frame())
+            self._inject(self.bad_frame())
             with self.lock:
                 self.bad_frames_sent += 1
 
@@ -220,7 +225,7 @@ class PtyDevice:
 
     def set_silent(self, silent: bool) -> None:
         """While silent the device starts no new output (a frame on the wire finishes);
-        input from the host is still read."""
+        input from the host is still read, and injected faults are still sent."""
 
         def apply() -> None:
             self._silent = silent
@@ -344,3 +349,8 @@ class PtyDevice:
         self._master = self._slave = None
         self._out.clear()
         self._run_sent = 0
+        # udev removes an unplugged adapter's name; a stale link would point at a pty
+        # number that any process may get next, and the host would open a stranger's pty
+        if self.link is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.link)

@@ -40,6 +40,8 @@ PARK_TIMEOUT_S = 1.0
 BACKOFF_MAX_S = 30.0
 #: after a readiness report that delivered nothing, the fd is not watched for this long
 SPURIOUS_PAUSE_S = 0.02
+#: what a port delivered when bytes came but no frame: the end of a "no valid frame" reason
+GARBAGE = "garbage (noise, or a wrong baud rate)"
 _READ_CHUNK = 512
 
 
@@ -178,6 +180,7 @@ class _Session:
         self._silence_timer: asyncio.TimerHandle | None = None
         self._resume_timer: asyncio.TimerHandle | None = None
         self._last_frame = self.loop.time()
+        self._unframed = 0  # bytes received since the last frame or silence check
         self.link = SerialLink(driver.settings.port, self._fd, self)
 
     def fail(self, exc: BaseException) -> None:
@@ -267,6 +270,7 @@ class _Session:
         now = self.loop.time()
         try:
             frames = self._driver.protocol.data_received(data, now)
+            self._unframed = 0 if frames else self._unframed + len(data)
             if frames:
                 self.frames += len(frames)
                 self._last_frame = now
@@ -307,7 +311,8 @@ class _Session:
         timeout = self._driver.settings.silence_timeout_s
         quiet_for = self.loop.time() - self._last_frame
         if quiet_for >= timeout:
-            self._driver.mark_silent(timeout)
+            self._driver.mark_silent(timeout, garbage=self._unframed > 0)
+            self._unframed = 0
             self._arm_silence(timeout)  # look again later; the next frame clears it
         else:
             self._arm_silence(timeout - quiet_for)
@@ -323,7 +328,6 @@ class SerialDriver:
         self.reopens = 0
         self.spurious_wakes = 0
         self._available = False
-        self._silent = False
         self._reason = "not started"
         self._opened_once = False
         self._session: _Session | None = None
@@ -351,7 +355,7 @@ class SerialDriver:
                 try:
                     port = self._open()
                 except (serial.SerialException, OSError) as exc:
-                    self._set_unavailable(f"cannot open {port_name}: {exc}")
+                    self._set_unavailable(f"cannot open {port_name}: {_why(exc)}")
                 else:
                     session = _Session(self, port, emit)
                     self._session = session
@@ -388,7 +392,6 @@ class SerialDriver:
         if self._opened_once:
             self.reopens += 1
         self._opened_once = True
-        self._silent = False
         _log.info("%s: opened %s at %d baud", self.sensor_id, self.settings.port, port.baudrate)
         return port
 
@@ -396,15 +399,28 @@ class SerialDriver:
         if not self._available:
             _log.info("%s: receiving frames", self.sensor_id)
         self._available = True
-        self._silent = False
         self._reason = "ok"
 
-    def mark_silent(self, timeout: float) -> None:
-        if not self._silent:
-            self._silent = True
+    def mark_silent(self, timeout: float, *, garbage: bool = False) -> None:
+        """No frame for `timeout` s; `garbage`: bytes did arrive, none of them a frame."""
+        if garbage:
+            self._set_unavailable(f"no valid frame for {timeout:g} s, only {GARBAGE}")
+        else:
             self._set_unavailable(f"silent for {timeout:g} s")
 
     def _set_unavailable(self, reason: str) -> None:
+        if reason != self._reason:  # each retry logs its delay; the reason once
+            _log.warning("%s: unavailable: %s", self.sensor_id, reason)
         self._available = False
         self._reason = reason
-        _log.warning("%s: unavailable: %s", self.sensor_id, reason)
+
+
+def _why(exc: BaseException) -> str:
+    """The reason an open failed: the system's words for its errno (pyserial repeats the
+    port twice around them), else the exception's text."""
+    code = getattr(exc, "errno", None)
+    if not isinstance(code, int):
+        return str(exc)
+    if code == errno.EAGAIN:  # flock(LOCK_NB) of `exclusive=True`: someone holds the port
+        return "in use by another program (it holds the lock)"
+    return os.strerror(code)
