@@ -43,6 +43,13 @@ class KeyLines:
     def __init__(self, text: str) -> None:
         self._lines: dict[KeyPath, int] = {}
         _Scanner(text, self._lines).run()
+        # the first line of anything below each path: one lookup per question, however
+        # many keys the file has and however many problems are asked about
+        self._first_below: dict[KeyPath, int] = {}
+        for known, line in self._lines.items():
+            for end in range(1, len(known) + 1):
+                prefix = known[:end]
+                self._first_below[prefix] = min(line, self._first_below.get(prefix, line))
 
     def line_of(self, path: Sequence[str]) -> int:
         """The line defining `path`, else of its first descendant, else of its nearest ancestor.
@@ -52,9 +59,8 @@ class KeyLines:
         key = tuple(path)
         if key in self._lines:
             return self._lines[key]
-        below = [line for known, line in self._lines.items() if known[: len(key)] == key]
-        if below:
-            return min(below)
+        if key in self._first_below:
+            return self._first_below[key]
         for end in range(len(key) - 1, 0, -1):
             if key[:end] in self._lines:
                 return self._lines[key[:end]]
@@ -273,12 +279,14 @@ class Report:
 
     def __init__(self) -> None:
         self.problems: list[tuple[KeyPath, str]] = []
+        self._where: set[KeyPath] = set()  # `has` in constant time: a file may hold thousands
 
     def add(self, where: KeyPath, message: str) -> None:
         self.problems.append((where, message))
+        self._where.add(where)
 
     def has(self, where: KeyPath) -> bool:
-        return any(known == where for known, _ in self.problems)
+        return where in self._where
 
 
 class Table:

@@ -23,8 +23,10 @@ at every step: the broker drops for us any message bigger than the session's
 `max_packet_size` (`MAX_PACKET_SIZE` for the agent), the session drops what
 finds the command inbox full, a token bucket rejects commands beyond `burst`
 at `rate_per_s`, and rejections are logged and reported at most once per
-`REPORT_EVERY_S` (with the number left out since). No exception from a message
-or a callback ends the task.
+`REPORT_EVERY_S` (with the number left out since); the last rejection of a burst
+is reported once that time has passed, so the reports account for every
+rejection (a report and the ones it says it left out). No exception from a
+message or a callback ends the task.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from agent.mqtt import Message, PublishRefused, Session, SessionLost
+from agent.mqtt import Inbox, Message, PublishRefused, Session, SessionLost
 
 log = logging.getLogger(__name__)
 
@@ -194,6 +196,19 @@ class Throttle:
         held_back, self._held_back = self._held_back, 0
         return held_back
 
+    def due_in(self, now: float) -> float | None:
+        """None if nothing is held back; else how long until it may be reported (0: now)."""
+        if not self._held_back or self._last is None:
+            return None
+        return max(self._last + self._every - now, 0.0)
+
+    def flush(self, now: float) -> int:
+        """Report the held-back ones now, the last of them in full: how many others there
+        were. Only once `due_in(now)` is 0."""
+        self._last = now
+        held_back, self._held_back = self._held_back - 1, 0
+        return held_back
+
 
 class EventSink(Protocol):
     """Where the agent's alerts go: `on_event("command_rejected", subject="commands", ...)`."""
@@ -243,6 +258,7 @@ class Commands:
         self._clock = clock
         self._bucket = TokenBucket(rate_per_s, burst, clock())
         self._reports = Throttle(REPORT_EVERY_S)
+        self._held: _Shown | None = None  # the last rejection held back by the throttle
         self.counters = CommandCounters()
         self.subscribed = asyncio.Event()  # set while a session is subscribed to our topics
 
@@ -263,9 +279,12 @@ class Commands:
                     await session.subscribe(topic_filter)
                 self.subscribed.set()
                 while True:
-                    message = await inbox.get()
+                    message = await self._next(inbox)
                     self.counters.dropped = dropped_before + inbox.dropped
-                    self.handle(message)
+                    if message is None:
+                        self._report_held_back()
+                    else:
+                        self.handle(message)
             except SessionLost:
                 pass
             except PublishRefused as exc:  # the ACL: no commands until the next session
@@ -274,6 +293,18 @@ class Commands:
             finally:
                 self.subscribed.clear()
                 self.counters.dropped = dropped_before + inbox.dropped
+
+    async def _next(self, inbox: Inbox) -> Message | None:
+        """The next message; None when held-back rejections are due to be reported first."""
+        while (wait := self._reports.due_in(self._clock())) is not None:
+            if wait <= 0.0:
+                return None
+            try:
+                async with asyncio.timeout(wait):
+                    return await inbox.get()  # cancelling the wait loses no message
+            except TimeoutError:
+                continue  # due now by `clock`? (a test's clock may stand still)
+        return await inbox.get()
 
     def handle(self, message: Message) -> None:
         """Check one message and act on it, or reject it; never raises."""
@@ -298,27 +329,51 @@ class Commands:
 
     def _reject(self, message: Message, reason: str, now: float) -> None:
         self.counters.rejected[reason] = self.counters.rejected.get(reason, 0) + 1
+        topic, payload = message.topic[:120], message.payload
+        shown = _Shown(ascii(topic), topic, reason, len(payload), payload[:24])
         held_back = self._reports.allow(now)
         if held_back is None:
-            return
-        topic = message.topic[:120]
-        size = len(message.payload)
+            self._held = shown
+        else:
+            self._held = None
+            self._report(shown, held_back)
+
+    def _report_held_back(self) -> None:
+        """The last rejection of a burst, with the number of the others left out."""
+        held_back = self._reports.flush(self._clock())
+        if self._held is not None:
+            self._report(self._held, held_back)
+            self._held = None
+
+    def _report(self, shown: _Shown, held_back: int) -> None:
         log.warning(
             "command rejected on %s: %s (%d bytes, starting %r)%s",
-            ascii(topic),  # the subtopic is the sender's choice: no raw line breaks in the log
-            reason,
-            size,
-            message.payload[:24],
+            shown.logged_topic,
+            shown.reason,
+            shown.size,
+            shown.start,
             f"; {held_back} more rejection(s) not logged" if held_back else "",
         )
         try:
             self._on_event(
                 "command_rejected",
                 subject="commands",
-                topic=topic,
-                reason=reason,
-                size=size,
+                topic=shown.topic,
+                reason=shown.reason,
+                size=shown.size,
                 not_reported=held_back,
             )
         except Exception:  # same as a handler
             log.exception("reporting a rejected command failed")
+
+
+@dataclass(frozen=True, slots=True)
+class _Shown:
+    """What a report says about one rejected message: never more of the payload than its
+    start."""
+
+    logged_topic: str  # escaped: no raw line breaks in the log
+    topic: str
+    reason: str
+    size: int
+    start: bytes

@@ -6,17 +6,21 @@ its own options, and either returns a frozen `Config` or raises one
 `ConfigError` listing every problem found, each naming the file, line and key.
 
 Trust: the file's content is untrusted input; nothing from it is used before it
-has been checked here. Driver families are trusted to check their own options
-and to report problems as `OptionError`. With `check_devices` the identity files
-and `/dev/...` ports are looked at on disk (stat only; nothing is opened).
+has been checked here. Only a regular file of at most MAX_CONFIG_BYTES is read,
+and an error message shows at most MAX_SHOWN_ISSUES problems, each on one line.
+Driver families are trusted to check their own options and to report problems
+as `OptionError`. With `check_devices` the identity files and `/dev/...` ports
+are looked at on disk (stat only; nothing is opened).
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
 import stat
+import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -39,6 +43,13 @@ _TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 _TOML_AT_END = re.compile(r"\s*\(at end of document\)$")
 _TABLES = ("gateway", "identity", "broker", "spool", "rotation", "health", "sensors")
 _MIB = 1 << 20
+#: a gateway config is a few kilobytes: a bigger file is refused unread (checking it would
+#: cost time and memory for nothing)
+MAX_CONFIG_BYTES = _MIB
+#: the most problems an error lists; one last line counts the others
+MAX_SHOWN_ISSUES = 50
+#: the longest message shown for one problem (messages quote values from the file)
+_MAX_MESSAGE_CHARS = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,14 +149,31 @@ class ConfigIssue:
     message: str
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}: {self.key}: {self.message}"
+        return f"{self.file}:{self.line}: {self.key}: {_one_line(self.message)}"
+
+
+def _one_line(text: str) -> str:
+    """`text` as one printable line: line breaks and terminal escapes (from values quoted
+    out of the file) escaped, and a long text cut short."""
+    shown = "".join(char if char.isprintable() else ascii(char)[1:-1] for char in text)
+    if len(shown) <= _MAX_MESSAGE_CHARS:
+        return shown
+    return f"{shown[:_MAX_MESSAGE_CHARS]}... ({len(shown) - _MAX_MESSAGE_CHARS} more characters)"
 
 
 class ConfigError(Exception):
-    """The config file cannot be used; `issues` lists every problem found, in line order."""
+    """The config file cannot be used; `issues` lists every problem found, in line order.
+
+    Its text is one line per problem, at most MAX_SHOWN_ISSUES of them and then
+    one line that counts the rest.
+    """
 
     def __init__(self, issues: list[ConfigIssue]) -> None:
-        super().__init__("\n".join(str(issue) for issue in issues))
+        lines = [str(issue) for issue in issues[:MAX_SHOWN_ISSUES]]
+        if len(issues) > MAX_SHOWN_ISSUES:
+            hidden = len(issues) - MAX_SHOWN_ISSUES
+            lines.append(f"{issues[0].file}:0: config: {hidden} more problem(s) not shown")
+        super().__init__("\n".join(lines))
         self.issues = issues
 
 
@@ -166,17 +194,43 @@ def _issue(path: Path, line: int, key: str, message: str) -> ConfigError:
 
 
 def _read_text(path: Path) -> str:
+    """The file's text. Only a regular file of at most MAX_CONFIG_BYTES is read: a FIFO
+    would block and a device such as /dev/zero would never end."""
     try:
-        raw = path.read_bytes()
+        raw = _read_bounded(path)
     except FileNotFoundError:
         raise _issue(path, 0, "file", "no such file") from None
     except OSError as exc:
         raise _issue(path, 0, "file", f"cannot read: {exc.strerror or exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise _issue(path, 0, "file", f"larger than {MAX_CONFIG_BYTES} bytes: not a gateway config")
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw.count(b"\n", 0, exc.start) + 1
         raise _issue(path, line, "syntax", "not valid UTF-8 text") from None
+
+
+def _read_bounded(path: Path) -> bytes:
+    """Up to MAX_CONFIG_BYTES + 1 bytes of a regular file (OSError for anything else)."""
+    # O_NONBLOCK: opening a FIFO must not wait for a writer (it is refused just after)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise OSError(errno.EINVAL, kind)
+        with open(fd, "rb", closefd=False) as file:
+            return file.read(MAX_CONFIG_BYTES + 1)
+    finally:
+        os.close(fd)
+
+
+def _digits_line(text: str) -> int:
+    """The line of the first number too long for Python to convert, else 1."""
+    limit = sys.get_int_max_str_digits()
+    match = re.search(rf"[0-9][0-9_]{{{limit},}}", text)
+    return text.count("\n", 0, match.start()) + 1 if match else 1
 
 
 def _parse(path: Path, text: str) -> dict[str, Any]:
@@ -193,6 +247,9 @@ def _parse(path: Path, text: str) -> dict[str, Any]:
         raise _issue(path, line, "syntax", message) from None
     except RecursionError:
         raise _issue(path, 1, "syntax", "values nested too deeply") from None
+    except ValueError:  # int() refuses decimal numbers of more than 4300 digits
+        message = f"a number longer than {sys.get_int_max_str_digits()} digits"
+        raise _issue(path, _digits_line(text), "syntax", message) from None
 
 
 # -- the schema ---------------------------------------------------------------------

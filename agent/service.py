@@ -198,7 +198,9 @@ class Service:
 
     def _command_event(self, kind: str, /, **fields: object) -> None:
         subject = str(fields.pop("subject", "commands"))
-        detail = {k: v if isinstance(v, float | str | bool) else str(v) for k, v in fields.items()}
+        detail = {
+            k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in fields.items()
+        }
         self.health.event(kind, subject, **detail)
 
     def _health_sources(self) -> Groups:

@@ -65,9 +65,11 @@ class AgentRun:
 
 
 class Rig:
-    """One rig for one scenario; see the module docstring. `gateway` is the agent's id."""
+    """One rig for one scenario; see the module docstring. `gateway` is the agent's id;
+    `operator` is an identity the broker lets send commands and update offers to it."""
 
     gateway = "gw-a"
+    operator = "operator"
 
     def __init__(
         self,
@@ -143,7 +145,9 @@ class Rig:
 
     async def _start(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self._lab = make_lab_pki(self.workdir / "pki", clients=[self.gateway, "verifier"])
+        self._lab = make_lab_pki(
+            self.workdir / "pki", clients=[self.gateway, "verifier", self.operator]
+        )
         lab = self._lab
         self._broker = self._stack.enter_context(
             LabBroker(
@@ -151,6 +155,7 @@ class Rig:
                 ca_cert=lab.ca_cert,
                 server_cert=lab.server_cert,
                 server_key=lab.server_key,
+                operators=[self.operator],
             )
         )
         self._broker_control = BrokerControl(self._broker, lab)

@@ -20,6 +20,7 @@ Trust: the emulators are trusted test equipment.
 from __future__ import annotations
 
 import contextlib
+import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,11 +144,25 @@ class ModbusFaults(SensorFaults):
         *,
         rtu: ModbusRtuEmulator | None = None,
         link: NetProxy | None = None,
+        seed: int = 0,
     ) -> None:
-        super().__init__(sensor_id, "Modbus frames are made by pymodbus: no raw noise or checksums")
+        super().__init__(sensor_id, "a Modbus TCP link carries no raw noise or checksums")
         self.device = device
         self._rtu = rtu
         self._link = link
+        self._rng = random.Random(seed)
+        if rtu is not None:  # the RS-485 line: garbage and bad CRCs for everyone on it
+            self.kinds = ModbusFaults.kinds | {"noise", "bad_checksum"}
+
+    def noise(self, n_bytes: int = 32) -> None:
+        if self._rtu is None:
+            raise self._unsupported("noise")
+        self._rtu.inject_noise(self._rng.randbytes(n_bytes))
+
+    def bad_checksum(self) -> None:
+        if self._rtu is None:
+            raise self._unsupported("bad_checksum")
+        self._rtu.inject_bad_checksum()
 
     def unplug(self) -> None:
         if self._rtu is not None:
@@ -316,7 +331,7 @@ def _modbus_rtu(
             bound.sensors[spec.sensor_id] = BoundSensor(
                 spec,
                 agent_table(spec, port=link),
-                ModbusFaults(spec.sensor_id, device, rtu=line),
+                ModbusFaults(spec.sensor_id, device, rtu=line, seed=spec.seed),
                 line,
             )
 

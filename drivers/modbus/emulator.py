@@ -257,13 +257,17 @@ class _PacedRelay:
             data = os.read(source, 4096)
         except OSError:  # BlockingIOError, or EIO while a side is being replaced
             return
+        self.send(data, to_host=not from_host)
+
+    def send(self, data: bytes, *, to_host: bool) -> None:
+        """Put `data` on the line (after whatever is on it), delivered at the line's pace."""
         now = self._loop.time()
         start = max(now, self._free_at)
         generation = self._host_generation
         for i in range(0, len(data), BURST_BYTES):
             chunk = data[i : i + BURST_BYTES]
             due = start + (i + len(chunk)) * self._byte_s
-            self._loop.call_at(due, self._deliver, not from_host, chunk, generation)
+            self._loop.call_at(due, self._deliver, to_host, chunk, generation)
         self._free_at = start + len(data) * self._byte_s
 
     def _deliver(self, to_host: bool, chunk: bytes, generation: int) -> None:
@@ -301,6 +305,7 @@ class ModbusRtuEmulator(_Emulator):
         self._device_pty: tuple[int, int] | None = None
         self._relay: _PacedRelay | None = None
         self._server: ModbusSerialServer | None = None
+        self._bad_crcs = 0  # replies still to be sent with a wrong CRC
 
     @property
     def port(self) -> str:
@@ -334,7 +339,28 @@ class ModbusRtuEmulator(_Emulator):
     def _trace(self, sending: bool, data: bytes) -> bytes:
         if sending and data and self._silenced(data[0]):
             return b""
+        if sending and data and self._bad_crcs:
+            self._bad_crcs -= 1
+            return data[:-1] + bytes([data[-1] ^ 0xFF])
         return data
+
+    def inject_noise(self, data: bytes) -> None:
+        """`data` on the line towards the host, as another talker or a loose connector
+        would put it there (between or inside replies)."""
+
+        def apply() -> None:
+            if self._relay is not None:
+                self._relay.send(data, to_host=True)
+
+        self._thread.call(apply)
+
+    def inject_bad_checksum(self) -> None:
+        """The next reply on the line goes out with a wrong CRC."""
+
+        def apply() -> None:
+            self._bad_crcs += 1
+
+        self._thread.call(apply)
 
     async def _teardown(self) -> None:
         if self._server is not None:
