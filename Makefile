@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 DURATION ?= 30
 PYTEST_ARGS ?=
 
-.PHONY: all venv system demo test lint typecheck unit clean bench deb
+.PHONY: all venv system demo test lint typecheck unit clean bench deb hil-long
 
 all: test
 
@@ -46,9 +46,14 @@ typecheck: venv
 test: lint typecheck
 	$(BIN)/pytest $(PYTEST_ARGS)
 
+# the long variants of the HIL scenarios (hil_tests/README.md), about 30 minutes, with figures
+hil-long: venv
+	$(BIN)/pytest hil_tests --long -s
+
 bench: venv
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/modbus_poll.py
+	$(BIN)/python -m bench.footprint
 
 # dist/citygate_<version>_<arch>.deb for this machine's architecture (docs/adr/0004-systemd-sandbox.md)
 DEB_PYTHON ?= /usr/bin/python3
