@@ -339,7 +339,7 @@ class Session:
         """Disconnect cleanly (no Will) and stop paho's thread."""
         if not self.lost.done():
             self._client.disconnect()
-        await asyncio.to_thread(self._client.loop_stop)
+        await self._stop_network()
         if not self.lost.done():
             self.lost.set_result("closed")
 
@@ -389,9 +389,20 @@ class Session:
 
     async def _abandon(self) -> None:
         self._client.disconnect()
-        await asyncio.to_thread(self._client.loop_stop)
+        await self._stop_network()
         if not self.lost.done():
             self.lost.set_result("abandoned")
+
+    async def _stop_network(self) -> None:
+        """Stop paho's thread and close its sockets now.
+
+        paho closes the socket pair that wakes its thread only when the client
+        is garbage-collected, and a client and its session refer to each other
+        (the callbacks): left to the collector, every session of a flapping
+        link would keep two descriptors open until a full collection.
+        """
+        await asyncio.to_thread(self._client.loop_stop)
+        self._client._reset_sockets()  # paho has no public way to release them
 
     async def _until_lost(self, future: asyncio.Future[Any]) -> Any:
         waiters: set[asyncio.Future[Any]] = {future, self.lost}
