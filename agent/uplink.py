@@ -21,7 +21,10 @@ a burst of a tenth of a second's worth, at most the window). So after an outage
 new readings arrive within seconds while the backlog drains in order without
 flooding the link or the broker.
 
-Acknowledged rows are deleted in groups (flash wear). A group the spool cannot
+Acknowledged rows are deleted in groups (flash wear): when a group is full, when
+its oldest acknowledgement is `ACK_MAX_AGE_S` old (so a power cut in a long
+backlog re-sends little and the backlog still shrinks on a gateway that restarts
+often), and whenever the sender idles. A group the spool cannot
 delete (disk full) is kept and tried again `ACK_RETRY_S` later; a reconnect in
 the meantime sends those rows once more, which is harmless. The sender never
 dies of a spool that cannot write.
@@ -59,6 +62,9 @@ BACKLOG_RATE = 50.0
 BACKLOG_BURST_S = 0.1
 #: a group of acknowledgements the spool could not delete is tried again after this long
 ACK_RETRY_S = 1.0
+#: ... and a group is deleted once its oldest PUBACK is this old, even if not full: a power
+#: cut then re-sends at most this long's worth of acknowledged messages
+ACK_MAX_AGE_S = 1.0
 
 
 @dataclass(slots=True)
@@ -148,10 +154,15 @@ class Uplink:
         s = self._settings
         try:
             while True:
+                session: Session | None = None
                 try:
                     session = await self._open(self._settings)
+                    if s.tls is None:
+                        log.error("INSECURE: this MQTT session is plaintext (development only)")
                     await session.publish(self._status_topic, self._online, retain=True)
                 except (ConnectFailed, SessionLost, PublishRefused) as exc:
+                    if session is not None:  # connected, but the status did not go through
+                        await session.close()
                     self.counters.connect_failures += 1
                     self.counters.last_error = str(exc)
                     delay = self._backoff.delay(attempt, self._rand)
@@ -162,8 +173,6 @@ class Uplink:
                 attempt = 0
                 self.counters.connects += 1
                 log.info("connected to %s:%d as %s", s.host, s.port, s.client_id)
-                if s.tls is None:
-                    log.error("INSECURE: this MQTT session is plaintext (development only)")
                 self._set(session)
                 reason = await session.lost
                 self._set(None)
@@ -208,6 +217,7 @@ class OutboxSender:
         self._idle = asyncio.Event()
         self._refused: set[int] = set()
         self._acked: set[int] = set()  # PUBACKed, delete not yet committed
+        self._acked_since = 0.0  # loop time of the oldest PUBACK in `_acked`
         self._ack_retry_at = 0.0  # loop time before which a failed delete is not tried again
         self._in_flight = 0
 
@@ -317,8 +327,11 @@ class OutboxSender:
                 self._refused.add(row.seq)
                 log.error("message seq %d kept for retry: %s", row.seq, exc)
         else:
+            now = asyncio.get_running_loop().time()
+            if not self._acked:
+                self._acked_since = now
             self._acked.add(row.seq)
-            if len(self._acked) >= ACK_GROUP:
+            if len(self._acked) >= ACK_GROUP or now - self._acked_since >= ACK_MAX_AGE_S:
                 self._flush_acks()
             self._uplink.counters.published += 1
         finally:
