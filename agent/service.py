@@ -300,6 +300,7 @@ class Service:
             "spooled_readings": stats.readings + stats.buffered,
             "spooled_messages": stats.messages,
             "dropped_readings": stats.dropped_readings,
+            "dropped_memory": stats.memory_dropped,
             "fill_out_of_range": sum(self.pipeline.counters.values()),
             "commands_accepted": self.commands.counters.accepted,
             "commands_rejected": sum(self.commands.counters.rejected.values()),

@@ -17,7 +17,11 @@ file still never repeats a number.
 
 Bounded: the spool has a byte budget. When it is exceeded the *oldest* data
 goes first (outbox messages, then readings) and every dropped reading is
-counted in `meta`, so health can report it.
+counted in `meta`, so health can report it. The oldest messages are also the
+ones the uplink sends first after an outage: one dropped while in flight, or
+acknowledged but not yet deleted, reached the broker after all, so when its
+acknowledgement comes (`ack` finds no row for a seq it remembers dropping) its
+readings are taken off the count again, in the same transaction.
 
 A full disk is an alarm, not a crash. Every change is one transaction, so a
 refused write (SQLITE_FULL, an I/O error, a seq file that cannot be extended)
@@ -51,6 +55,7 @@ import logging
 import sqlite3
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +70,13 @@ _UNDATED_BEFORE = -2
 _BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 #: errno values of a filesystem that has no room, as opposed to one that is broken
 _NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+#: the write-ahead log is checkpointed once it holds this share of the budget (but no fewer
+#: than `_WAL_MIN_PAGES` pages: a checkpoint costs two fsyncs)
+_WAL_SHARE = 16
+_WAL_MIN_PAGES = 16
+#: messages dropped by the budget that are remembered, in case their PUBACK still comes
+#: (far more than the sender's window and its group of acknowledgements waiting to be deleted)
+_DROPPED_REMEMBERED = 4096
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS channels (
@@ -160,6 +172,7 @@ class Spool:
         self._dating_due = False  # `correct_times` could not write; retried after a commit
         self._channels: dict[tuple[str, str, str], int] = {}
         self._channel_rows: dict[int, tuple[str, str, str]] = {}
+        self._dropped_messages: OrderedDict[int, int] = OrderedDict()  # seq -> readings
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
             self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
@@ -169,6 +182,7 @@ class Spool:
             # zeros: a second write of all telemetry. Readings are not secrets (they are
             # sent to the cloud), and flash wear is the budget that matters here.
             self._db.execute("PRAGMA secure_delete=FAST")
+            self._bound_wal(budget_bytes)
             self._db.executescript(_SCHEMA)
             self._load_channels()
             last = self._meta("last_seq", -1)
@@ -298,11 +312,14 @@ class Spool:
         next successful write).
         """
         seq = self._take()
+        known_full = self._disk_full
         try:
             with self._write():
                 pass  # `_write` records the seq in meta.last_seq
         except SpoolError as exc:
-            log.warning("seq %d is not yet recorded in the spool: %s", seq, exc)
+            # on a disk known to be full, every health report would say it again
+            if not (known_full and isinstance(exc, SpoolFull)):
+                log.warning("seq %d is not yet recorded in the spool: %s", seq, exc)
         return seq
 
     # -- outbox -----------------------------------------------------------
@@ -329,16 +346,23 @@ class Spool:
         Grouping acknowledgements costs nothing in safety: a row whose PUBACK
         arrived but whose delete was not yet committed is only sent once more.
         Raises SpoolFull when the disk refuses: nothing is deleted, and the
-        caller keeps the seqs to try again.
+        caller keeps the seqs to try again. A seq the budget dropped was
+        delivered after all: its readings come off the drop count.
         """
         if not seqs:
             return 0
+        delivered = [seq for seq in seqs if seq in self._dropped_messages]
         # no cursor in a local: a traceback that outlives the call would keep its statement,
         # and with it the database file, open after `close`
         with self._write():
             deleted = self._db.executemany(
                 "DELETE FROM outbox WHERE seq = ?", [(seq,) for seq in seqs]
             ).rowcount
+            if delivered:
+                undropped = sum(self._dropped_messages[seq] for seq in delivered)
+                self._set_meta("dropped_readings", self._meta("dropped_readings", 0) - undropped)
+        for seq in delivered:
+            del self._dropped_messages[seq]
         self._pending_messages -= deleted
         return deleted
 
@@ -403,6 +427,23 @@ class Spool:
         self._seq_unrecorded = False
         if self._db.total_changes > changes:
             self._disk_full = False
+
+    def _bound_wal(self, budget_bytes: int) -> None:
+        """Keep the write-ahead log within a sixteenth of the budget.
+
+        By default SQLite checkpoints the log at 1000 pages (4 MiB: four times the
+        smallest budget) and keeps the file at its largest size for good, outside the
+        budget. Checkpointed at a share of the budget, and cut back to that share when
+        a long transaction made it grow past it, the spool's files stay within the
+        budget and that share. (Not cut back to nothing: a log that gave its blocks
+        back at every checkpoint would take them again at the next write, and on a
+        full disk it would lose them to the first other writer, the alarm coming and
+        going with every checkpoint.)
+        """
+        (page_size,) = self._db.execute("PRAGMA page_size").fetchone()
+        pages = max(_WAL_MIN_PAGES, budget_bytes // _WAL_SHARE // int(page_size))
+        self._db.execute(f"PRAGMA wal_autocheckpoint={pages}")
+        self._db.execute(f"PRAGMA journal_size_limit={pages * int(page_size)}")
 
     def _take(self) -> int:
         """The next seq; the filesystem's refusal to extend the seq file becomes SpoolFull."""
@@ -534,10 +575,18 @@ class Spool:
                 held = sum(1 for _, tq in ids if tq in (TIME_UNSYNCED, _UNDATED_BEFORE))
             if dropped:
                 self._set_meta("dropped_readings", self._meta("dropped_readings", 0) + dropped)
+        if row is not None:
+            self._remember_dropped(int(row[0]), dropped)
         self._pending_messages -= messages
         self._pending_readings -= readings
         self._held -= held
         return dropped
+
+    def _remember_dropped(self, seq: int, readings: int) -> None:
+        """A message the budget dropped: its PUBACK may still come (see `ack`)."""
+        self._dropped_messages[seq] = readings
+        while len(self._dropped_messages) > _DROPPED_REMEMBERED:
+            self._dropped_messages.popitem(last=False)
 
     # -- private: reading -------------------------------------------------
 

@@ -131,6 +131,9 @@ class LabBroker:
             f"per_listener_settings {'true' if claim else 'false'}\n"
             f"persistence true\n"
             f"persistence_location {self.workdir}/\n"
+            # a lab's subscribers (verifiers, HIL observers) must see every message, however
+            # far behind a burst leaves them: mosquitto drops QoS 1 beyond 1000 queued
+            f"max_queued_messages 0\n"
             f"user {getpass.getuser()}\n"
             f"log_dest file {self.log_path}\n"
             f"log_type error\nlog_type warning\nlog_type notice\n"

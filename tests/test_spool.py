@@ -340,3 +340,32 @@ def test_held_readings_count_in_the_budget_and_their_count_survives_drops(tmp_pa
     spool = _open(tmp_path, "boot-a", budget=60_000)
     assert spool.pending_unsynced == spool.pending_readings
     spool.close()
+
+
+def test_a_dropped_message_that_is_acknowledged_after_all_comes_off_the_drop_count(
+    tmp_path: Path,
+) -> None:
+    spool = _spool(tmp_path, budget=60_000)
+    for i in range(2000):  # one message per reading, seq 0, 1, 2, ...
+        spool.add(_readings(1, start=i))
+        spool.commit()
+        spool.pack(1, _build)
+    dropped = spool.stats().dropped_readings
+    assert dropped > 0
+    # the budget dropped the oldest messages while they were in flight: PUBACKs come
+    assert spool.ack(list(range(dropped))) == 0
+    assert spool.stats().dropped_readings == 0
+    spool.close()
+
+
+def test_the_write_ahead_log_stays_within_a_sixteenth_of_the_budget(tmp_path: Path) -> None:
+    spool = _spool(tmp_path, budget=1 << 20)
+    wal = tmp_path / "spool.sqlite-wal"
+    largest = 0
+    for start in range(0, 20_000, 100):
+        spool.add(_readings(100, start=start))
+        spool.commit()
+        spool.pack_ready(10, _build, partial=True)
+        largest = max(largest, wal.stat().st_size if wal.exists() else 0)
+    spool.close()
+    assert largest <= (1 << 20) // 16 + 8 * 4096  # and a transaction's pages
