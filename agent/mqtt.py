@@ -418,6 +418,11 @@ class Session:
 
     # -- paho callbacks (network thread) ------------------------------------
 
+    def _post(self, future: asyncio.Future[Any], value: object) -> None:
+        """Settle `future` on the event loop; a loop already closed has nobody waiting."""
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(_settle, future, value)
+
     def _on_connect(
         self,
         client: paho.Client,
@@ -426,7 +431,7 @@ class Session:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        self._loop.call_soon_threadsafe(_settle, self._connack, reason.value)
+        self._post(self._connack, reason.value)
 
     def _on_disconnect(
         self,
@@ -437,7 +442,7 @@ class Session:
         properties: Properties | None,
     ) -> None:
         why = f"reason {reason.value} ({reason.getName()})"
-        self._loop.call_soon_threadsafe(_settle, self.lost, why)
+        self._post(self.lost, why)
 
     def _on_publish(
         self,
@@ -452,7 +457,7 @@ class Session:
             if future is None:
                 self._early[mid] = reason.value
                 return
-        self._loop.call_soon_threadsafe(_settle, future, reason.value)
+        self._post(future, reason.value)
 
     def _on_subscribe(
         self,
@@ -468,7 +473,7 @@ class Session:
             if future is None:
                 self._early_subacks[mid] = codes
                 return
-        self._loop.call_soon_threadsafe(_settle, future, codes)
+        self._post(future, codes)
 
     def _on_message(self, client: paho.Client, userdata: object, msg: paho.MQTTMessage) -> None:
         # an exception here would end paho's thread (and the session with it, unnoticed)

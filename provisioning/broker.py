@@ -132,8 +132,9 @@ class LabBroker:
             f"persistence true\n"
             f"persistence_location {self.workdir}/\n"
             # a lab's subscribers (verifiers, HIL observers) must see every message, however
-            # far behind a burst leaves them: mosquitto drops QoS 1 beyond 1000 queued
-            f"max_queued_messages 0\n"
+            # far behind a burst leaves them: mosquitto drops QoS 1 beyond 1000 queued per
+            # client (0, "no limit", makes mosquitto 2.0.11 drop a client it refuses a publish)
+            f"max_queued_messages 1000000\n"
             f"user {getpass.getuser()}\n"
             f"log_dest file {self.log_path}\n"
             f"log_type error\nlog_type warning\nlog_type notice\n"
