@@ -43,8 +43,9 @@ lint: venv
 typecheck: venv
 	$(BIN)/mypy
 
+# two workers, one test file each at a time (a file's session fixtures are built once)
 test: lint typecheck
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest -n 2 --dist loadfile $(PYTEST_ARGS)
 
 # the long variants of the HIL scenarios (hil_tests/README.md), about 30 minutes, with figures
 hil-long: venv
