@@ -197,6 +197,7 @@ class Service:
         self._disk_error = ""
 
     def _command_event(self, kind: str, /, **fields: object) -> None:
+        """A command's rejection (agent.commands) as a signed event; counts stay numbers."""
         subject = str(fields.pop("subject", "commands"))
         detail = {
             k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in fields.items()
