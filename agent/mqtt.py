@@ -222,6 +222,8 @@ class Session:
         self._window = asyncio.Semaphore(settings.inflight)
         self._connack: asyncio.Future[int] = loop.create_future()
         self.lost: asyncio.Future[str] = loop.create_future()
+        self._stopping = asyncio.Lock()
+        self._network_stopped = False
         self._routes_lock = threading.Lock()
         self._routes: tuple[Inbox, ...] = ()
         self._routed = False  # set by the first inbox; then `messages` is closed for good
@@ -401,8 +403,14 @@ class Session:
         (the callbacks): left to the collector, every session of a flapping
         link would keep two descriptors open until a full collection.
         """
-        await asyncio.to_thread(self._client.loop_stop)
-        self._client._reset_sockets()  # paho has no public way to release them
+        # close() may run twice at once (a goodbye and the uplink's own cleanup): two
+        # concurrent loop_stop calls race inside paho, so only the first one stops it
+        async with self._stopping:
+            if self._network_stopped:
+                return
+            await asyncio.to_thread(self._client.loop_stop)
+            self._client._reset_sockets()  # paho has no public way to release them
+            self._network_stopped = True
 
     async def _until_lost(self, future: asyncio.Future[Any]) -> Any:
         waiters: set[asyncio.Future[Any]] = {future, self.lost}
