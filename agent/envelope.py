@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -61,6 +62,12 @@ TQ_BEFORE: Final = "before"
 _URN_PREFIX: Final = "urn:dev:citygate:"
 _SAFE_INT: Final = 2**53  # integral values below this travel as CBOR integers
 _MAX_DEPTH: Final = 8
+_NAME: Final = re.compile(r"[A-Za-z0-9._-]+")  # status subjects, record names, event kinds
+
+#: a value of a status record (health, events): a number, a text or a yes/no
+Value = float | str | bool
+#: one status record: (name, unit, value); an empty unit is left out
+StatusRecord = tuple[str, str, Value]
 
 
 class EnvelopeError(Exception):
@@ -166,6 +173,57 @@ def encode_senml(gateway_id: str, readings: Sequence[Reading]) -> bytes:
             quality = _time_quality_label(reading)
             if quality is not None:
                 record[_TQ] = quality
+            pack.append(record)
+    return cbor2.dumps(pack, canonical=True)
+
+
+def _status_value(name: str, value: object) -> tuple[int, Any]:
+    """The SenML label and CBOR value for one record value (bool before int: True is an int)."""
+    if isinstance(value, bool):
+        return _VB, value
+    if isinstance(value, str):
+        return _VS, value
+    if isinstance(value, int | float):
+        return _V, _number(value)
+    raise EncodingError(f"record {name!r}: cannot send a {type(value).__name__}")
+
+
+def check_name(kind: str, value: str) -> None:
+    """Refuse a status subject, record name or event kind outside letters, digits, . _ -."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise EncodingError(f"{kind} {value!r} must be letters, digits, '.', '_' or '-'")
+
+
+def encode_status(
+    gateway_id: str, groups: Mapping[str, Sequence[StatusRecord]], time: float
+) -> bytes:
+    """The SenML CBOR pack of status `groups` (health, events), all stamped `time`.
+
+    Each group is a subject (a sensor id, or "agent" for the gateway) whose
+    first record carries the base name `urn:dev:citygate:<gateway>:<subject>:`
+    and `time` as base time; values go as v, vs or vb. The same arguments
+    always give the same bytes.
+    """
+    _check_id("gateway id", gateway_id, ":/+#")
+    if not groups:
+        raise EncodingError("a status pack needs at least one group")
+    base_time = _number(time)
+    pack: list[dict[int, Any]] = []
+    for subject, records in groups.items():
+        check_name("subject", subject)
+        if not records:
+            raise EncodingError(f"group {subject!r} has no records")
+        for index, (name, unit, value) in enumerate(records):
+            check_name("record name", name)
+            record: dict[int, Any] = {}
+            if index == 0:
+                record[_BN] = f"{_URN_PREFIX}{gateway_id}:{subject}:"
+                record[_BT] = base_time
+            record[_N] = name
+            if unit:
+                record[_U] = unit
+            label, encoded = _status_value(name, value)
+            record[label] = encoded
             pack.append(record)
     return cbor2.dumps(pack, canonical=True)
 

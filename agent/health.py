@@ -28,17 +28,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import re
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
-import cbor2
-
 from agent.clock import Moment, WallClock
-from agent.envelope import EncodingError, Signer, seal
+from agent.envelope import EncodingError, Signer, StatusRecord, check_name, encode_status, seal
 from agent.mqtt import PublishRefused, SessionLost
 from agent.spool import SpoolStats
 from drivers.base import Driver
@@ -52,80 +49,12 @@ POLL_S: Final = 1.0
 #: a driver that has never been available is reported faulty after this long
 STARTUP_GRACE_S: Final = 30.0
 
-Value = float | str | bool
-#: (name, unit, value); an empty unit is left out of the record
-StatusRecord = tuple[str, str, Value]
 #: subject -> its records, in the order they are to be sent
 Groups = Mapping[str, Sequence[StatusRecord]]
 
-# SenML labels (RFC 8428 §6).
-_BN, _BT, _N, _U, _V, _VS, _VB = -2, -3, 0, 1, 2, 3, 4
-_URN_PREFIX: Final = "urn:dev:citygate:"
-_NAME: Final = re.compile(r"[A-Za-z0-9._-]+")  # subjects, record names and event kinds
-_SAFE_INT: Final = 2**53
 _COUNT: Final = "count"  # SenML unit of a counter value (RFC 8428 §12.1)
 _BYTES: Final = "B"  # SenML unit byte (RFC 8798)
 _RECOVERY_WORDS: Final = frozenset({"ok", "recovered", "synced"})
-
-
-# --- encoding ---------------------------------------------------------------
-
-
-def _number(value: float) -> int | float:
-    """Integral values as integers, others as floats (cbor2 picks the shortest width)."""
-    if not math.isfinite(value):
-        raise EncodingError(f"non-finite number {value!r} cannot be sent")
-    if float(value).is_integer() and abs(value) < _SAFE_INT:
-        return int(value)
-    return float(value)
-
-
-def _value(name: str, value: object) -> tuple[int, Any]:
-    """The SenML label and CBOR value for one record value (bool before int: True is an int)."""
-    if isinstance(value, bool):
-        return _VB, value
-    if isinstance(value, str):
-        return _VS, value
-    if isinstance(value, int | float):
-        return _V, _number(value)
-    raise EncodingError(f"record {name!r}: cannot send a {type(value).__name__}")
-
-
-def _check_name(kind: str, value: str) -> None:
-    if not isinstance(value, str) or not _NAME.fullmatch(value):
-        raise EncodingError(f"{kind} {value!r} must be letters, digits, '.', '_' or '-'")
-
-
-def encode_status(gateway_id: str, groups: Groups, time: float) -> bytes:
-    """The SenML CBOR pack of `groups`, all stamped `time` (the base time of each group).
-
-    Each group's first record carries the base name
-    `urn:dev:citygate:<gateway>:<subject>:`. The same arguments always give
-    the same bytes.
-    """
-    if not gateway_id or any(ch in gateway_id for ch in ":/+#"):
-        raise EncodingError(f"gateway id {gateway_id!r} must be non-empty without ':/+#'")
-    if not groups:
-        raise EncodingError("a status pack needs at least one group")
-    base_time = _number(time)
-    pack: list[dict[int, Any]] = []
-    for subject, records in groups.items():
-        _check_name("subject", subject)
-        if not records:
-            raise EncodingError(f"group {subject!r} has no records")
-        for index, (name, unit, value) in enumerate(records):
-            _check_name("record name", name)
-            record: dict[int, Any] = {}
-            if index == 0:
-                record[_BN] = f"{_URN_PREFIX}{gateway_id}:{subject}:"
-                record[_BT] = base_time
-            record[_N] = name
-            if unit:
-                record[_U] = unit
-            label, encoded = _value(name, value)
-            record[label] = encoded
-            pack.append(record)
-    return cbor2.dumps(pack, canonical=True)
 
 
 def report_groups(
@@ -268,7 +197,7 @@ class Health:
             *((n, "", v) for n, v in detail.items()),
         ]
         try:
-            _check_name("event kind", kind)
+            check_name("event kind", kind)
             encode_status(self._gateway_id, {subject: records}, when.t)  # refused now, not later
         except EncodingError as exc:
             log.error("event %r for %r cannot be sent: %s", kind, subject, exc)

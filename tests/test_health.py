@@ -22,11 +22,12 @@ from agent.envelope import (
     TrustedKey,
     VerificationError,
     VerifiedMessage,
+    encode_status,
     open_sealed,
     seal,
     signer_for,
 )
-from agent.health import Groups, Health, Link, encode_status, is_recovery, report_groups
+from agent.health import Groups, Health, Link, is_recovery, report_groups
 from agent.identity import Identity, load_identity
 from agent.keys import kid_for
 from agent.mqtt import Session, SessionLost
