@@ -472,6 +472,13 @@ def _table(report: Report, data: Mapping[str, Any], name: str) -> Table:
     return Table(report, (name,), raw)
 
 
+def read_toml(path: Path) -> tuple[str, dict[str, Any]]:
+    """The text of a TOML file and its tables, with the same size, file-type and syntax
+    checks (and FILE:LINE messages, as a ConfigError) as a gateway config gets."""
+    text = _read_text(path)
+    return text, _parse(path, text)
+
+
 def load_config(path: Path, *, check_devices: bool = False) -> Config:
     """Read and check the config file at `path`; raise ConfigError listing every problem.
 
@@ -479,8 +486,7 @@ def load_config(path: Path, *, check_devices: bool = False) -> Config:
     `spool.path`, which is taken from `gateway.state_dir`. With `check_devices`
     the identity files must be readable and every `/dev/...` sensor port must exist.
     """
-    text = _read_text(path)
-    data = _parse(path, text)
+    text, data = read_toml(path)
     report = Report()
     for name, value in data.items():
         if name not in _TABLES:

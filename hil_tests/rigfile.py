@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from agent._tomlpos import KeyLines, KeyPath, Report, Table, describe_type, render_key
-from agent.config import ConfigError, ConfigIssue, _parse, _read_text
+from agent.config import ConfigError, ConfigIssue, read_toml
 from drivers import OptionError, family, family_names
 from drivers.modbus import shipped_profiles
 
@@ -113,8 +113,7 @@ class RigSpec:
 def load_rig(path: Path) -> RigSpec:
     """Read and check the rig file at `path`; raise RigError listing every problem."""
     try:
-        text = _read_text(path)
-        data = _parse(path, text)
+        text, data = read_toml(path)
     except ConfigError as exc:
         raise RigError(exc.issues) from None
     report = Report()
