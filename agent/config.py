@@ -41,7 +41,7 @@ _TOPIC_LEVEL = re.compile(r"[A-Za-z0-9._-]+")
 _HOST_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 _TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 _TOML_AT_END = re.compile(r"\s*\(at end of document\)$")
-_TABLES = ("gateway", "identity", "broker", "spool", "rotation", "health", "sensors")
+_TABLES = ("gateway", "identity", "broker", "spool", "rotation", "health", "ota", "sensors")
 _MIB = 1 << 20
 #: a gateway config is a few kilobytes: a bigger file is refused unread (checking it would
 #: cost time and memory for nothing)
@@ -112,6 +112,23 @@ class RotationConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OtaConfig:
+    """Signed over-the-air updates (agent.ota; docs/adr/0007-ota-updates.md)."""
+
+    repo: str = ""  # an https:// URL or a directory (a USB stick); "" = no automatic checks
+    root: Path = Path("/opt/citygate")  # releases/<version>, current, committed
+    trusted_root: Path = Path("/etc/citygate/update-root.json")  # the TUF root shipped with it
+    channel: str = "stable"
+    hardware: str = "generic"
+    check_interval_s: int = 21600  # 0: only on an ota/offer hint or the command line
+    trial_deadline_s: float = 300.0  # a new release must get a health message acked by then
+    max_trial_starts: int = 3  # a new release started more often than this is rolled back
+    max_bundle_bytes: int = 256 * 1024 * 1024
+    download_timeout_s: float = 1800.0
+    ca: Path | None = None  # CA of an https repository (None: the system's CAs)
+
+
+@dataclass(frozen=True, slots=True)
 class BinGeometry:
     """Where an ultrasonic sensor on a bin's lid sees the bottom (empty) and the top (full)."""
 
@@ -137,6 +154,7 @@ class Config:
     sensors: tuple[SensorConfig, ...]
     rotation: RotationConfig = RotationConfig()
     health: HealthConfig = HealthConfig()
+    ota: OtaConfig = OtaConfig()
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,6 +372,55 @@ def _rotation(table: Table) -> RotationConfig:
     return RotationConfig(renew=renew, renew_at_fraction=fraction, reply_timeout_s=reply_timeout_s)
 
 
+def _repo_problem(repo: str) -> str | None:
+    if not repo or repo.startswith("https://") or repo.startswith("/"):
+        return None
+    if repo.startswith("file:///"):
+        return None
+    return f"expected an https:// URL or an absolute directory, got {repo!r}"
+
+
+def _name_problem(value: str) -> str | None:
+    if re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        return None
+    return f"expected 1-64 characters of A-Z a-z 0-9 . _ -, got {value!r}"
+
+
+def _ota(table: Table, config_dir: Path) -> OtaConfig:
+    defaults = OtaConfig()
+    repo = table.text("repo", "", check=_repo_problem)
+    root = table.path("root", defaults.root, base=config_dir)
+    trusted_root = table.path("trusted_root", defaults.trusted_root, base=config_dir)
+    channel = table.text("channel", defaults.channel, check=_name_problem)
+    hardware = table.text("hardware", defaults.hardware, check=_name_problem)
+    check_interval_s = table.integer("check_interval_s", defaults.check_interval_s, 0, 30 * 86400)
+    if table.ok("check_interval_s") and 0 < check_interval_s < 60:
+        table.problem("check_interval_s", f"must be 0 (off) or at least 60, got {check_interval_s}")
+    trial_deadline_s = table.number("trial_deadline_s", defaults.trial_deadline_s, at_most=86400.0)
+    max_trial_starts = table.integer("max_trial_starts", defaults.max_trial_starts, 1, 20)
+    max_bundle_bytes = table.integer(
+        "max_bundle_bytes", defaults.max_bundle_bytes, _MIB, 4096 * _MIB
+    )
+    timeout = table.number("download_timeout_s", defaults.download_timeout_s, at_most=86400.0)
+    ca = table.path("ca", config_dir, base=config_dir) if "ca" in table.data else None
+    if ca is None:
+        table.read.append("ca")
+    table.finish()
+    return OtaConfig(
+        repo=repo,
+        root=root,
+        trusted_root=trusted_root,
+        channel=channel,
+        hardware=hardware,
+        check_interval_s=check_interval_s,
+        trial_deadline_s=trial_deadline_s,
+        max_trial_starts=max_trial_starts,
+        max_bundle_bytes=max_bundle_bytes,
+        download_timeout_s=timeout,
+        ca=ca,
+    )
+
+
 def _driver(report: Report, where: KeyPath, raw: Mapping[str, Any]) -> DriverFamily | None:
     """The family named by the sensor table's `driver` key, or None (after reporting)."""
     driver = raw.get("driver")
@@ -499,6 +566,7 @@ def load_config(path: Path, *, check_devices: bool = False) -> Config:
     spool = _spool(_table(report, data, "spool"), gateway.state_dir)
     rotation = _rotation(_table(report, data, "rotation"))
     health = _health(_table(report, data, "health"))
+    ota = _ota(_table(report, data, "ota"), config_dir)
     sensors = _sensors(report, data.get("sensors"))
     if check_devices:
         _check_devices(report, identity, data.get("sensors"))
@@ -519,4 +587,5 @@ def load_config(path: Path, *, check_devices: bool = False) -> Config:
         sensors=sensors,
         rotation=rotation,
         health=health,
+        ota=ota,
     )

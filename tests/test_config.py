@@ -31,6 +31,7 @@ from agent.config import (
     GatewayConfig,
     HealthConfig,
     IdentityConfig,
+    OtaConfig,
     SpoolConfig,
     load_config,
 )
@@ -327,8 +328,14 @@ def test_sample_config_shows_every_key_with_its_default(tmp_path: Path) -> None:
         ("broker", BrokerConfig),
         ("spool", SpoolConfig),
         ("health", HealthConfig),
+        ("ota", OtaConfig),
     ):
-        assert list(raw[table]) == [field.name for field in dataclasses.fields(kind)]
+        # a key whose default is "unset" is shown commented out
+        unset = {"ca"} if kind is OtaConfig else set()
+        names = [field.name for field in dataclasses.fields(kind) if field.name not in unset]
+        assert list(raw[table]) == names
+    assert "\n# ca = " in SAMPLE.read_text(encoding="utf-8")
+    assert sample.ota == defaults.ota
     assert set(raw) == {field.name for field in dataclasses.fields(Config)} - {"source"}
 
 
