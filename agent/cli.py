@@ -40,10 +40,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     config = load_config(Path(args.config))
     _configure_logging(args.log_level or config.gateway.log_level)
     try:
-        run_service(config, allow_plaintext=args.insecure_plaintext_for_development)
+        return run_service(config, allow_plaintext=args.insecure_plaintext_for_development)
     except PlaintextRefused as exc:
         raise CommandError(str(exc)) from None
-    return 0
 
 
 def _cmd_config_check(args: argparse.Namespace) -> int:
@@ -135,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_verify_arguments(verify)
     verify.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     verify.set_defaults(handler=_cmd_verify)
+
+    from agent.ota.cli import register as register_ota
+
+    register_ota(sub)
 
     for entry in metadata.entry_points(group="citygate.commands"):
         register = entry.load()

@@ -175,6 +175,8 @@ class Health:
         self._watched: list[_Watched] = []
         self._grace_s = STARTUP_GRACE_S
         self.reports_published = 0
+        # set when the broker has acknowledged a signed health report (agent.ota's trial)
+        self.report_acked = asyncio.Event()
         self.events_published = 0
         self.events_dropped = 0
 
@@ -303,6 +305,7 @@ class Health:
             log.error("health report dropped: %s", exc)
             return
         self.reports_published += 1
+        self.report_acked.set()
 
     def _report_senml(self) -> bytes:
         groups = {subject: list(records) for subject, records in self._sources().items()}

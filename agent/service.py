@@ -17,12 +17,18 @@ anything else starts), opens the spool, and runs under one TaskGroup:
   once the clock is trusted, and reports jumps;
 - health (agent.health): signed reports on each new session and every
   `health.interval_s`, and signed events (sensor faults, a full disk, the
-  clock) queued while offline.
+  clock) queued while offline;
+- updates (agent.ota.task): the trial of a new release, checks of the update
+  repository on an `ota/offer` hint or a timer, and the update history as events.
 
 When the rotation has staged a renewed certificate, the service stops as for a
 stop request (without telling systemd it is stopping), `adopt_staged` tries the
 new credential and swaps it in if the broker accepts it, and the service starts
 again with whichever credential is now installed.
+
+When an update has switched to a new release, or a release on trial switches
+back, the service stops the same way and `run_service` returns EXIT_RESTART
+(75): systemd starts whichever release `current` now points to.
 
 A stop request (SIGTERM/SIGINT, or the `stop` event in tests) ends the
 drivers, commits and packs what they produced, gives the sender a bounded
@@ -52,6 +58,8 @@ from agent.envelope import encode_senml, seal, signer_for
 from agent.health import Groups, Health, report_groups
 from agent.identity import Identity, load_identity
 from agent.mqtt import SessionSettings
+from agent.ota.flow import manager_for
+from agent.ota.task import EXIT_RESTART, OtaTask
 from agent.pipeline import Pipeline
 from agent.rotation import Rotation, adopt_staged, recover_identity
 from agent.spool import Spool, SpoolError, SpoolFull
@@ -190,11 +198,22 @@ class Service:
             prefix=broker.prefix,
             sessions=self.uplink.session,
             on_health_request=self.health.request,
-            on_ota_offer=lambda version: None,  # Commands logs the offer; OTA is a later issue
+            on_ota_offer=self._ota_offer,
             on_event=self._command_event,
+        )
+        self.ota = OtaTask(
+            manager_for(config),
+            own_version=version(),
+            repo=config.ota.repo,
+            check_interval_s=config.ota.check_interval_s,
+            report_acked=self.health.report_acked,
+            event=self.health.event,
         )
         self._disk_full = False  # a disk_full event was raised and no disk_ok yet
         self._disk_error = ""
+
+    def _ota_offer(self, offered: str) -> None:
+        self.ota.offer(offered)
 
     def _command_event(self, kind: str, /, **fields: object) -> None:
         """A command's rejection (agent.commands) as a signed event; counts stay numbers."""
@@ -212,6 +231,7 @@ class Service:
             cert_not_after=self.identity.not_after.timestamp(),
             clock_synced=self.clock.trusted(),
             connects=self.uplink.counters.connects,
+            update_state=self.ota.state,
             now=time.time(),
         )
 
@@ -249,15 +269,20 @@ class Service:
                 rotation = group.create_task(self.rotation.run(), name="rotation")
                 health = group.create_task(self.health.run(self.uplink.session), name="health")
                 commands = group.create_task(self.commands.run(), name="commands")
+                ota = group.create_task(self.ota.run(), name="ota")
                 notify.ready(self.status_line())
-                await _first_set(stop, self.rotation.staged)
+                await _first_set(stop, self.rotation.staged, self.ota.restart)
                 if stop.is_set():
                     notify.stopping("stopping: flushing the spool")
                     log.info("stopping: flushing the spool")
+                elif self.ota.restart.is_set():
+                    notify.stopping("restarting into another release: flushing the spool")
+                    log.info("restarting into another release: flushing the spool")
                 else:  # a renewed certificate: restart with it; systemd must not see a stop
                     notify.status("switching to the renewed certificate")
                     log.info("restarting with the renewed certificate: flushing the spool")
                 rotation.cancel()
+                ota.cancel()
                 commands.cancel()
                 health.cancel()  # before the drivers: their "stopped" is no sensor fault
                 for task in [*driver_tasks, committer, clock]:
@@ -414,8 +439,10 @@ class PlaintextRefused(Exception):
 PLAINTEXT_FLAG = "--insecure-plaintext-for-development"
 
 
-def run_service(config: Config, *, allow_plaintext: bool = False) -> None:
-    """Run until SIGTERM/SIGINT. Raises IdentityError before starting anything if unfit."""
+def run_service(config: Config, *, allow_plaintext: bool = False) -> int:
+    """Run until SIGTERM/SIGINT (0) or until an update asks for a restart (EXIT_RESTART).
+
+    Raises IdentityError before starting anything if the identity is unfit."""
     if not config.broker.tls:
         if not allow_plaintext:
             raise PlaintextRefused(
@@ -435,7 +462,7 @@ def run_service(config: Config, *, allow_plaintext: bool = False) -> None:
         log.warning("%s", recovered)
     identity = load_identity(paths.key, paths.cert, paths.ca, early_clock_ok=True)
 
-    async def main() -> None:
+    async def main() -> int:
         current = identity
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -446,10 +473,14 @@ def run_service(config: Config, *, allow_plaintext: bool = False) -> None:
             while True:
                 service = Service(config, current)
                 await service.run(stop, notifier)
-                if stop.is_set() or not service.rotation.staged.is_set():
-                    return
+                if stop.is_set():
+                    return 0
+                if service.ota.restart.is_set():
+                    return EXIT_RESTART
+                if not service.rotation.staged.is_set():
+                    return 0
                 current = await adopt_staged(config)
         finally:
             notifier.close()
 
-    asyncio.run(main())
+    return asyncio.run(main())

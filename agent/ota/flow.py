@@ -1,0 +1,657 @@
+"""The OTA flow: a persisted state machine from "check" to "committed" (or rolled back).
+
+One document (table "ota" of state_dir/ota/state.json) says where the flow is:
+idle | checking | downloading | installing | selftest | switching | trial, with the
+target version, the version it updates from, the repository and the attempt
+number. Every step is written (atomically, fsynced) before its work starts and
+every step's work is idempotent, so a SIGKILL or power cut anywhere resumes:
+
+- checking .. selftest resume from checking (the download resumes its partial
+  file, a complete release is reused, a half-built one rebuilt); after
+  ATTEMPTS_MAX attempts at one target the flow gives up (ota_failed);
+- switching resumes by making `current` the target (idempotent), then trial;
+- trial is finished by the running release (`trial_commit` / `trial_fail`) or by
+  the guard, which runs before every service start from the *committed*
+  release's code: more than `max_trial_starts` starts, or a start past the
+  deadline, switches `current` back to `committed`.
+
+A version that failed its self-test or was rolled back goes to table "refused"
+and is never chosen again automatically (`apply(force=True)` may). Table
+"history" keeps what happened, one row per event (`step`: offered, verified,
+installed, selftest_failed, switched, trial, committed, rolled_back, failed,
+rejected; published as the event kind `ota_<step>`), with a `reported` flag the
+agent sets once the row went out on the events topic.
+
+Processes: the agent, the CLI and the guard share these files. `flow.lock` is held
+(fcntl.flock) for a whole run, so two triggers never interleave: the second waits
+(bounded) and then sees the first one's result. Every state change is one
+read-modify-write of the whole file under the short `state.lock`; the guard and
+the trial calls take only that one, so a service start never waits for a download.
+
+Trusts: TUF (agent.ota.trust) for what to install; agent.ota.bundle for the bundle's
+members; the release's own `citygate selftest` for whether it runs. Its own state
+file (a corrupt one is set aside by AtomicJSONStorage and the flow starts idle).
+The wall clock only when `clock_trusted()` says so (agent.clock's rule): TUF
+expiry checks against a wrong clock are meaningless, so no check runs before.
+
+Test rig: `CITYGATE_OTA_KILL_AT=<point>` makes the process SIGKILL *itself* right
+after the point named (a step name: just after that step was persisted;
+"<step>/done": just after its work, before the next step is persisted;
+"rollback/switched": after a rollback switched `current` back). A fault injector
+for the crash tests; it never touches another process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import fcntl
+import logging
+import os
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+from agent import version as agent_version
+from agent.clock import WallClock, boottime, trust_floor
+from agent.ota.bundle import BundleError, Manifest, platform_tag, python_tag, unpack
+from agent.ota.fetch import DownloadLimits, FetchError, fetcher_for
+from agent.ota.release import ReleaseError, Releases
+from agent.ota.trust import Candidate, TrustError, UpdateRepository
+from agent.state import AtomicJSONStorage
+
+if TYPE_CHECKING:
+    from agent.config import Config
+
+log = logging.getLogger(__name__)
+
+IDLE: Final = "idle"
+CHECKING: Final = "checking"
+DOWNLOADING: Final = "downloading"
+INSTALLING: Final = "installing"
+SELFTEST: Final = "selftest"
+SWITCHING: Final = "switching"
+TRIAL: Final = "trial"
+
+#: attempts at one target (a failed step or a crash counts one) before the flow gives up
+ATTEMPTS_MAX: Final = 3
+#: history rows kept; the oldest reported rows go first (flash wear and file size)
+HISTORY_MAX: Final = 200
+#: how long a trigger waits for another run by default before reporting "busy"
+WAIT_S: Final = 3600.0
+KILL_ENV: Final = "CITYGATE_OTA_KILL_AT"
+_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+# what `Outcome.result` says
+UP_TO_DATE: Final = "up_to_date"
+SWITCHED: Final = "switched"
+IN_TRIAL: Final = "in_trial"
+WAITING_CLOCK: Final = "waiting_clock"
+FAILED: Final = "failed"
+RETRY: Final = "retry"
+REJECTED: Final = "rejected"
+SELFTEST_FAILED: Final = "selftest_failed"
+_OK_RESULTS: Final = frozenset({UP_TO_DATE, SWITCHED, IN_TRIAL})
+
+
+class OtaError(Exception):
+    """The flow cannot run: busy, no repository, nothing to roll back to."""
+
+
+class OtaSettings(Protocol):
+    """What the flow reads from the `[ota]` config table (agent.config.OtaConfig)."""
+
+    @property
+    def repo(self) -> str: ...
+    @property
+    def root(self) -> Path: ...
+    @property
+    def trusted_root(self) -> Path: ...
+    @property
+    def channel(self) -> str: ...
+    @property
+    def hardware(self) -> str: ...
+    @property
+    def trial_deadline_s(self) -> float: ...
+    @property
+    def max_trial_starts(self) -> int: ...
+    @property
+    def max_bundle_bytes(self) -> int: ...
+    @property
+    def download_timeout_s(self) -> float: ...
+    @property
+    def ca(self) -> Path | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one run did: `result` is one of the module's result names; `restart` asks the
+    running agent to exit 75 so systemd starts the release `current` now points at."""
+
+    result: str
+    version: str | None
+    detail: str
+    restart: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.result in _OK_RESULTS
+
+
+def _fault(point: str) -> None:
+    """The test rig's fault injector (see the module docstring): kills this process only."""
+    if os.environ.get(KILL_ENV) == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _boot_id() -> str:
+    try:
+        return _BOOT_ID.read_text(encoding="ascii").strip()
+    except OSError:
+        return ""
+
+
+@contextlib.contextmanager
+def _flock(path: Path, wait_s: float | None) -> Iterator[None]:
+    """Hold an exclusive flock on `path`; wait at most `wait_s` (None: as long as it takes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        if wait_s is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            deadline = time.monotonic() + wait_s
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise OtaError(
+                            f"another OTA run holds {path} after {wait_s:g} s of waiting; "
+                            "see `citygate ota status` and try again later"
+                        ) from None
+                    time.sleep(0.1)
+        yield
+    finally:
+        os.close(fd)
+
+
+class _Tx:
+    """The whole state file (TinyDB's layout: table -> {doc id: document}) being changed."""
+
+    def __init__(self, data: dict[str, dict[str, Any]], wall: float) -> None:
+        self.data = data
+        self.wall = wall
+        self.dirty = False
+
+    @property
+    def flow(self) -> dict[str, Any]:
+        doc: dict[str, Any] = self.data.get("ota", {}).get("1", {})
+        return {"state": IDLE} | doc
+
+    def set_flow(self, **changes: Any) -> None:
+        flow = self.flow | changes
+        self.data["ota"] = {"1": flow}
+        self.dirty = True
+
+    def idle(self) -> None:
+        """Back to idle: the flow's per-target fields cleared."""
+        self.data["ota"] = {"1": {"state": IDLE}}
+        self.dirty = True
+
+    def add(self, event: str, version: str | None, outcome: str, detail: str = "") -> None:
+        rows = self.data.setdefault("history", {})
+        new_id = max((int(k) for k in rows), default=0) + 1
+        rows[str(new_id)] = {
+            "time": self.wall,
+            "step": event,
+            "version": version,
+            "outcome": outcome,
+            "detail": detail[-500:],
+            "reported": False,
+        }
+        for key in sorted(rows, key=int):
+            if len(rows) <= HISTORY_MAX:
+                break
+            if rows[key]["reported"]:
+                del rows[key]
+        self.dirty = True
+
+    def refused(self) -> set[str]:
+        return {str(doc["version"]) for doc in self.data.get("refused", {}).values()}
+
+    def unrefuse(self, version: str) -> None:
+        docs = self.data.get("refused", {})
+        for key in [k for k, doc in docs.items() if doc["version"] == version]:
+            del docs[key]
+            self.dirty = True
+
+    def refuse(self, version: str, reason: str) -> None:
+        if version in self.refused():
+            return
+        docs = self.data.setdefault("refused", {})
+        new_id = max((int(k) for k in docs), default=0) + 1
+        docs[str(new_id)] = {"version": version, "reason": reason[-300:], "time": self.wall}
+        self.dirty = True
+
+
+class OtaManager:
+    """The flow for one gateway: its state dir, its `[ota]` settings and its release root."""
+
+    def __init__(
+        self,
+        state_dir: Path,
+        settings: OtaSettings,
+        *,
+        clock_trusted: Callable[[], bool],
+        selftest_config: Path | None = None,
+        client_cert: Path | None = None,
+        client_key: Path | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.dir = state_dir / "ota"
+        self.settings = settings
+        self.releases = Releases(settings.root)
+        self._clock_trusted = clock_trusted
+        self._selftest_config = selftest_config
+        self._client_cert = client_cert
+        self._client_key = client_key
+        self._wall = wall
+
+    # -- state -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[_Tx]:
+        """One read-modify-write of the state file under the short state lock."""
+        with _flock(self.dir / "state.lock", None):
+            storage = AtomicJSONStorage(self.dir / "state.json")
+            tx = _Tx(storage.read() or {}, self._wall())
+            yield tx
+            if tx.dirty:
+                storage.write(tx.data)
+
+    def _persist(self, step: str, **changes: Any) -> None:
+        with self._tx() as tx:
+            tx.set_flow(state=step, **changes)
+        _fault(step)
+
+    def _flow(self) -> dict[str, Any]:
+        with self._tx() as tx:
+            return tx.flow
+
+    def status(self) -> dict[str, Any]:
+        """The flow document, the releases and the refused versions."""
+        with self._tx() as tx:
+            flow, refused = tx.flow, sorted(tx.refused())
+        return {
+            **flow,
+            "installed": self._installed(),
+            "current": self.releases.current(),
+            "committed": self.releases.committed(),
+            "releases": self.releases.installed(),
+            "refused": refused,
+        }
+
+    def history(self) -> list[dict[str, Any]]:
+        """Every history row, oldest first, each with its `id`."""
+        with self._tx() as tx:
+            rows = tx.data.get("history", {})
+        return [{"id": int(k), **rows[k]} for k in sorted(rows, key=int)]
+
+    def unreported(self) -> list[dict[str, Any]]:
+        """History rows not yet published on the events topic."""
+        return [row for row in self.history() if not row["reported"]]
+
+    def mark_reported(self, ids: list[int]) -> None:
+        with self._tx() as tx:
+            rows = tx.data.get("history", {})
+            for doc_id in ids:
+                row = rows.get(str(doc_id))
+                if row is not None and not row["reported"]:
+                    row["reported"] = True
+                    tx.dirty = True
+
+    def _installed(self) -> str:
+        return self.releases.current() or agent_version()
+
+    # -- the run -----------------------------------------------------------------------
+
+    def apply(self, repo: str | None, *, force: bool = False, wait_s: float = WAIT_S) -> Outcome:
+        """Run (or continue) the flow up to the switch; wait up to `wait_s` for another run."""
+        with _flock(self.dir / "flow.lock", wait_s):
+            return self._run(repo, force)
+
+    def resume(self, *, wait_s: float = WAIT_S) -> Outcome | None:
+        """Continue an interrupted flow (agent start); None when there is none."""
+        if self._flow()["state"] in (IDLE, TRIAL):
+            return None
+        with _flock(self.dir / "flow.lock", wait_s):
+            if self._flow()["state"] in (IDLE, TRIAL):
+                return None
+            return self._run(None, False)
+
+    def _run(self, repo: str | None, force: bool) -> Outcome:
+        flow = self._flow()
+        step = flow["state"]
+        if step == TRIAL:
+            target = flow["target"]
+            return Outcome(
+                IN_TRIAL,
+                target,
+                f"{target} is installed and in trial (started {flow.get('trial_starts', 0)} "
+                "time(s)); it commits or rolls back on its own",
+            )
+        if step == SWITCHING:
+            return self._switch(flow["target"])
+        repo = repo or flow.get("repo") or self.settings.repo
+        if not repo:
+            raise OtaError("no update repository: give --repo DIR|URL or set ota.repo")
+        if not self._clock_trusted():
+            return Outcome(
+                WAITING_CLOCK,
+                None,
+                "waiting for a trusted clock: TUF metadata expiry cannot be checked before "
+                "the wall clock is set (NTP)",
+            )
+        return self._attempt(repo, flow, force)
+
+    def _attempt(self, repo: str, flow: dict[str, Any], force: bool) -> Outcome:
+        resumed = flow["state"] != IDLE
+        attempt = int(flow.get("attempt", 0)) + 1 if resumed else 1
+        force = force or (resumed and bool(flow.get("force")))
+        if attempt > ATTEMPTS_MAX:
+            return self._give_up(flow.get("target"), str(flow.get("error") or "interrupted"))
+        self._persist(CHECKING, repo=repo, attempt=attempt, force=force, error=None)
+        try:
+            trust = self._trust(repo)
+            trust.refresh()
+            installed = self._installed()
+            with self._tx() as tx:
+                refused = frozenset() if force else frozenset(tx.refused())
+            cand, why = trust.choose(
+                installed,
+                platform=platform_tag(),
+                python=python_tag(),
+                hardware=self.settings.hardware,
+                channel=self.settings.channel,
+                refused=refused,
+            )
+        except TrustError as exc:
+            if exc.retryable:
+                return self._retry(f"checking {repo}: {exc}")
+            return self._reject(flow.get("target"), f"update metadata: {exc}", refuse=False)
+        except (FetchError, OSError) as exc:
+            return self._retry(f"checking {repo}: {exc}")
+        if cand is None:
+            with self._tx() as tx:
+                tx.idle()
+            self._cleanup()
+            detail = "; ".join(why) if why else "no newer release"
+            return Outcome(UP_TO_DATE, installed, f"{installed} is up to date ({detail})")
+        if cand.version != flow.get("target"):
+            attempt = 1
+        _fault(CHECKING + "/done")
+        return self._deliver(trust, cand, installed, attempt)
+
+    def _deliver(
+        self, trust: UpdateRepository, cand: Candidate, installed: str, attempt: int
+    ) -> Outcome:
+        version = cand.version
+        if cand.length > self.settings.max_bundle_bytes:
+            return self._reject(
+                version,
+                f"bundle {cand.name} is {cand.length} bytes, more than ota.max_bundle_bytes "
+                f"({self.settings.max_bundle_bytes})",
+                refuse=True,
+            )
+        with self._tx() as tx:
+            tx.set_flow(state=DOWNLOADING, target=version, from_version=installed, attempt=attempt)
+            tx.add("offered", version, "ok", f"from {installed}, attempt {attempt}")
+        _fault(DOWNLOADING)
+        try:
+            bundle = self._download(trust, cand)
+        except TrustError as exc:
+            if exc.retryable:
+                return self._retry(str(exc))
+            return self._reject(version, str(exc), refuse=False)
+        except (FetchError, OSError) as exc:
+            return self._retry(f"downloading {cand.name}: {exc}")
+        _fault(DOWNLOADING + "/done")
+        with self._tx() as tx:
+            tx.set_flow(state=INSTALLING)
+            tx.add("verified", version, "ok", f"{cand.length} bytes")
+        _fault(INSTALLING)
+        return self._install_and_test(bundle, cand)
+
+    def _install_and_test(self, bundle: Path, cand: Candidate) -> Outcome:
+        version = cand.version
+        try:
+            self._install(bundle, version)
+        except BundleError as exc:
+            return self._reject(version, f"bundle {cand.name}: {exc}", refuse=True)
+        except (ReleaseError, OSError) as exc:
+            return self._retry(f"installing {version}: {exc}")
+        _fault(INSTALLING + "/done")
+        with self._tx() as tx:
+            tx.set_flow(state=SELFTEST)
+            tx.add("installed", version, "ok", str(self.releases.path(version)))
+        _fault(SELFTEST)
+        ok, output = self.releases.selftest(version, config=self._selftest_config)
+        if not ok:
+            with self._tx() as tx:
+                tx.idle()
+                tx.refuse(version, "self-test failed")
+                tx.add("selftest_failed", version, "failed", output)
+            self._cleanup()
+            return Outcome(SELFTEST_FAILED, version, f"{version} failed its self-test: {output}")
+        _fault(SELFTEST + "/done")
+        self._persist(SWITCHING)
+        return self._switch(version)
+
+    def _switch(self, version: str) -> Outcome:
+        try:
+            self.releases.adopt()
+            self.releases.switch(version)
+        except ReleaseError as exc:
+            # the release went missing (pruned, disk): install it again on the next run
+            return self._retry(f"switching to {version}: {exc}", step=INSTALLING)
+        _fault(SWITCHING + "/done")
+        self._cleanup()  # before the trial is recorded: a resumed switch cleans up too
+        with self._tx() as tx:
+            frm = tx.flow.get("from_version")
+            tx.set_flow(state=TRIAL, trial_starts=0, trial_deadline=None, error=None)
+            tx.add("switched", version, "ok", f"from {frm}")
+        _fault(TRIAL)
+        return Outcome(
+            SWITCHED,
+            version,
+            f"switched to {version}; it runs in trial from the next service start "
+            "(systemctl restart citygate)",
+            restart=True,
+        )
+
+    def _retry(self, error: str, *, step: str | None = None) -> Outcome:
+        """A step failed for a reason that may pass: keep the step (the next run resumes)."""
+        flow = self._flow()
+        if int(flow.get("attempt", 1)) >= ATTEMPTS_MAX:
+            return self._give_up(flow.get("target"), error)
+        attempt = f"attempt {flow.get('attempt', 1)} of {ATTEMPTS_MAX}; the next run retries"
+        with self._tx() as tx:
+            tx.set_flow(error=error, **({"state": step} if step else {}))
+            tx.add("failed", flow.get("target"), "retry", f"{error} ({attempt})")
+        log.info("OTA %s failed: %s", attempt, error)
+        return Outcome(RETRY, flow.get("target"), f"{error} ({attempt})")
+
+    def _give_up(self, target: str | None, error: str) -> Outcome:
+        with self._tx() as tx:
+            tx.idle()
+            tx.add("failed", target, "failed", f"gave up after {ATTEMPTS_MAX} attempts: {error}")
+        self._cleanup()
+        return Outcome(FAILED, target, f"gave up after {ATTEMPTS_MAX} attempts: {error}")
+
+    def _reject(self, version: str | None, why: str, *, refuse: bool) -> Outcome:
+        """A security or validity failure: never retried silently; reported, flow idle."""
+        with self._tx() as tx:
+            tx.idle()
+            if refuse and version is not None:
+                tx.refuse(version, why)
+            tx.add("rejected", version, "rejected", why)
+        self._cleanup()
+        log.error("OTA update rejected: %s", why)
+        return Outcome(REJECTED, version, why)
+
+    def _trust(self, repo: str) -> UpdateRepository:
+        fetcher, metadata_url, targets_url = fetcher_for(
+            repo,
+            ca_file=self.settings.ca,
+            client_cert=self._client_cert,
+            client_key=self._client_key,
+        )
+        metadata = self.dir / "metadata"
+        metadata.mkdir(parents=True, exist_ok=True)
+        return UpdateRepository(
+            metadata, self.settings.trusted_root, fetcher, metadata_url, targets_url
+        )
+
+    def _download(self, trust: UpdateRepository, cand: Candidate) -> Path:
+        downloads = self.dir / "downloads"
+        downloads.mkdir(parents=True, exist_ok=True)
+        digest = cand.target.hashes.get("sha256", "nohash")
+        dest = downloads / f"{digest}.{Path(cand.name).name}"
+        if dest.exists():  # only ever renamed there after its hashes were verified
+            return dest
+        limits = DownloadLimits(timeout_s=self.settings.download_timeout_s)
+        return trust.download(cand, downloads, dest, limits)
+
+    def _install(self, bundle: Path, version: str) -> Manifest:
+        unpack_root = self.dir / "unpack"
+        shutil.rmtree(unpack_root, ignore_errors=True)  # leftovers of an interrupted run
+        unpack_root.mkdir(parents=True)
+        unpacked = unpack_root / version
+        manifest = unpack(bundle, unpacked)
+        if manifest.name != "citygate" or manifest.version != version:
+            raise BundleError(
+                f"manifest says {manifest.name} {manifest.version}; the signed target is "
+                f"citygate {version}"
+            )
+        self.releases.install(unpacked, manifest)
+        shutil.rmtree(unpack_root, ignore_errors=True)
+        return manifest
+
+    def _cleanup(self) -> None:
+        for name in ("downloads", "unpack"):
+            shutil.rmtree(self.dir / name, ignore_errors=True)
+
+    # -- the trial ---------------------------------------------------------------------
+
+    def guard(self) -> str:
+        """Before a service start (run from the committed release): count a trial start;
+        roll back when there were too many or the deadline has passed."""
+        with self._tx() as tx:
+            flow = tx.flow
+            if flow["state"] != TRIAL:
+                return f"not in trial ({flow['state']})"
+            version = str(flow["target"])
+            current = self.releases.current()
+            if current != version:
+                return self._rolled_back(tx, version, f"current is {current}, not {version}")
+            starts = int(flow.get("trial_starts", 0)) + 1
+            limit = self.settings.max_trial_starts
+            if starts > limit:
+                return self._roll_back(tx, version, f"started {starts} times (limit {limit})")
+            if self._past_deadline(flow):
+                return self._roll_back(tx, version, "its trial deadline passed")
+            tx.set_flow(trial_starts=starts)
+        return f"trial of {version}: start {starts} of {limit}"
+
+    def trial_begin(self, own_version: str) -> float | None:
+        """The agent started: when it is the release in trial, the trial deadline (unix s),
+        set on the first start and kept after."""
+        with self._tx() as tx:
+            flow = tx.flow
+            if flow["state"] != TRIAL or flow.get("target") != own_version:
+                return None
+            if flow.get("trial_deadline") is None:
+                span = self.settings.trial_deadline_s
+                tx.set_flow(
+                    trial_deadline=tx.wall + span,
+                    trial_deadline_boot=boottime() + span,
+                    trial_boot_id=_boot_id(),
+                )
+                tx.add("trial", own_version, "ok", f"deadline in {span:g} s")
+            return float(tx.flow["trial_deadline"])
+
+    def trial_commit(self, own_version: str) -> None:
+        """The release in trial got a signed health message acknowledged: keep it."""
+        with self._tx() as tx:
+            flow = tx.flow
+            if flow["state"] != TRIAL or flow.get("target") != own_version:
+                return
+            self.releases.commit(own_version)
+            tx.idle()
+            tx.unrefuse(own_version)  # installed with --force and proved itself
+            tx.add("committed", own_version, "ok", f"from {flow.get('from_version')}")
+
+    def trial_fail(self, own_version: str, reason: str) -> None:
+        """The release in trial did not prove itself: switch back to the committed one."""
+        with self._tx() as tx:
+            flow = tx.flow
+            if flow["state"] != TRIAL or flow.get("target") != own_version:
+                return
+            self._roll_back(tx, own_version, reason)
+
+    def _past_deadline(self, flow: dict[str, Any]) -> bool:
+        if flow.get("trial_deadline") is None:
+            return False
+        if flow.get("trial_boot_id") == _boot_id() and _boot_id():
+            return boottime() > float(flow["trial_deadline_boot"])
+        return self._wall() > float(flow["trial_deadline"])
+
+    def _roll_back(self, tx: _Tx, version: str, reason: str) -> str:
+        committed = self.releases.committed()
+        if committed is None:
+            raise OtaError(
+                f"cannot roll back {version}: no committed release under {self.settings.root}"
+            )
+        self.releases.switch(committed)
+        _fault("rollback/switched")
+        return self._rolled_back(tx, version, reason)
+
+    def _rolled_back(self, tx: _Tx, version: str, reason: str) -> str:
+        back = self.releases.current()
+        tx.idle()
+        tx.refuse(version, f"rolled back: {reason}")
+        tx.add("rolled_back", version, "rolled_back", f"{reason}; current is {back}")
+        log.error("release %s rolled back: %s", version, reason)
+        return f"rolled back {version} to {back}: {reason}"
+
+
+def clock_trusted_for(config: Config) -> Callable[[], bool]:
+    """agent.clock's rule for this gateway: the floor is the build date, or the start of
+    the gateway certificate's validity when the certificate can be read."""
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(config.identity.cert.read_bytes())
+        floor = trust_floor(cert.not_valid_before_utc)
+    except (OSError, ValueError):
+        floor = trust_floor()
+    return WallClock(floor).trusted
+
+
+def manager_for(config: Config, *, root: Path | None = None) -> OtaManager:
+    """The flow of the gateway `config` describes (`root` overrides ota.root)."""
+    settings = config.ota if root is None else dataclasses.replace(config.ota, root=root)
+    return OtaManager(
+        config.gateway.state_dir,
+        settings,
+        clock_trusted=clock_trusted_for(config),
+        selftest_config=config.source,
+        client_cert=config.identity.cert,
+        client_key=config.identity.key,
+    )
