@@ -135,6 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     verify.set_defaults(handler=_cmd_verify)
 
+    from agent import selftest
+
+    check_release = sub.add_parser(
+        "selftest", help="check that this installed release works (imports, signing, config)"
+    )
+    selftest.add_arguments(check_release)
+    check_release.set_defaults(handler=selftest.main)
+
     from agent.ota.cli import register as register_ota
 
     register_ota(sub)
