@@ -125,6 +125,7 @@ class _Event:
     records: list[StatusRecord]
     when: Moment  # when it happened; dated (if it was by boot time) when first sealed
     message: bytes | None = None  # sealed at the first attempt, then re-sent as is
+    on_sent: Callable[[], None] | None = None  # called once the broker has acknowledged it
 
 
 @dataclass(slots=True)
@@ -185,8 +186,20 @@ class Health:
         """Events waiting for a session (not counting one in flight)."""
         return len(self._queue)
 
-    def event(self, kind: str, /, subject: str, **detail: float | str | bool) -> None:
+    def event(
+        self,
+        kind: str,
+        /,
+        subject: str,
+        *,
+        on_sent: Callable[[], None] | None = None,
+        **detail: float | str | bool,
+    ) -> None:
         """Queue a signed event about `subject` ("agent" or a sensor id); never blocks or raises.
+
+        `on_sent` is called when the broker has acknowledged the event (never, if the
+        event is dropped or the process ends first): for events that must survive a
+        restart, such as the update history (agent.ota.task).
 
         The level of its log line follows from `kind` (see `is_recovery`).
         An event that cannot be encoded is logged as an error and dropped.
@@ -211,7 +224,7 @@ class Health:
         if len(self._queue) >= self._events_max:
             self._queue.popleft()
             self.events_dropped += 1
-        self._queue.append(_Event(kind, subject, records, when))
+        self._queue.append(_Event(kind, subject, records, when, on_sent=on_sent))
         self._wake.set()
 
     def request(self) -> None:
@@ -340,6 +353,11 @@ class Health:
                 self._put_back(head)
                 raise
             self.events_published += 1
+            if head.on_sent is not None:
+                try:
+                    head.on_sent()
+                except Exception:  # the caller's bookkeeping must not end the health task
+                    log.exception("after event %s for %s", head.kind, head.subject)
 
     def _put_back(self, event: _Event) -> None:
         self._queue.appendleft(event)

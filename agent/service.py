@@ -221,7 +221,7 @@ class Service:
         detail = {
             k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in fields.items()
         }
-        self.health.event(kind, subject, **detail)
+        self.health.event(kind, subject, on_sent=None, **detail)
 
     def _health_sources(self) -> Groups:
         """What a health report says: spool, drivers, certificate, clock, link."""

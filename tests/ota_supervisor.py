@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 RESTART_S = 0.2  # RestartSec, shortened for tests
 START_LIMIT_BURST = 5  # systemd gives up after this many failed starts in a row
@@ -33,9 +35,11 @@ START_LIMIT_BURST = 5  # systemd gives up after this many failed starts in a row
 class Start:
     release: str  # what <root>/current resolved to
     started: float  # time.time()
+    started_mono: float  # time.monotonic(), to compare with observed arrivals
     guard_exit: int | None = None
     exit_code: int | None = None
     ended: float | None = None
+    summary: dict[str, Any] | None = None  # the run's last-run.json, if it wrote one
 
 
 @dataclass
@@ -44,6 +48,7 @@ class Supervisor:
     config: Path
     log: Path
     env: Mapping[str, str] = field(default_factory=dict)
+    summary: Path | None = None  # the agent's last-run.json, read after every exit
     starts: list[Start] = field(default_factory=list)
     gave_up: bool = False
     _proc: asyncio.subprocess.Process | None = None
@@ -81,6 +86,17 @@ class Supervisor:
         if self._proc is not None and self._proc.returncode is None:
             self._proc.send_signal(signal.SIGKILL)
 
+    def _summary(self, since: float) -> dict[str, Any] | None:
+        if self.summary is None:
+            return None
+        try:
+            if self.summary.stat().st_mtime < since:
+                return None  # an earlier run's
+            loaded: dict[str, Any] = json.loads(self.summary.read_text())
+        except (OSError, ValueError):
+            return None
+        return loaded
+
     async def _run(self, *args: str | Path) -> asyncio.subprocess.Process:
         with self.log.open("ab") as out:
             return await asyncio.create_subprocess_exec(
@@ -100,13 +116,14 @@ class Supervisor:
                 guard = await self._run(committed, "ota", "guard", "--config", self.config)
                 guard_exit = await guard.wait()
             release = os.readlink(self.root / "current")
-            start = Start(Path(release).name, time.time(), guard_exit)
+            start = Start(Path(release).name, time.time(), time.monotonic(), guard_exit)
             self.starts.append(start)
             self._proc = await self._run(
                 self.root / "current" / "bin" / "citygate", "run", "--config", self.config
             )
             start.exit_code = await self._proc.wait()
             start.ended = time.time()
+            start.summary = self._summary(start.started)
             if self._stopping or start.exit_code == 0:
                 return
             failures = 0 if start.exit_code == 75 else failures + 1

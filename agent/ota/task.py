@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -72,6 +73,7 @@ class OtaTask:
         self._event = event
         self._clock = clock
         self._offered = asyncio.Event()
+        self._queued: set[int] = set()  # history rows handed to health, not yet acknowledged
         self.restart = asyncio.Event()  # the service must exit with EXIT_RESTART
         self.state = "idle"  # for health reports
 
@@ -165,18 +167,33 @@ class OtaTask:
         return False
 
     def _report(self) -> None:
-        """Every history row not yet reported becomes a signed event."""
+        """Every history row not yet reported becomes a signed event; a row is marked
+        reported only once the broker has acknowledged its event, so steps taken just
+        before a restart are reported by the next run."""
         try:
             rows = self._manager.unreported()
         except Exception:
             log.exception("cannot read the update history")
             return
         for row in rows:
+            row_id = int(row["id"])
+            if row_id in self._queued:
+                continue
             detail = {
                 k: v
                 for k, v in row.items()
                 if k not in _NOT_DETAIL and isinstance(v, str | int | float)
             }
-            self._event(f"ota_{row['step']}", str(row.get("version") or "agent"), **detail)
-        if rows:
-            self._manager.mark_reported([int(row["id"]) for row in rows])
+            self._queued.add(row_id)
+            self._event(
+                f"ota_{row['step']}",
+                str(row.get("version") or "agent"),
+                on_sent=functools.partial(self._sent, row_id),
+                **detail,
+            )
+
+    def _sent(self, row_id: int) -> None:
+        try:
+            self._manager.mark_reported([row_id])
+        except Exception:  # it is reported again by the next run: a duplicate, not a loss
+            log.exception("cannot mark update history row %d reported", row_id)
