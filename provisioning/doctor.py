@@ -5,7 +5,8 @@ matching, issued by the configured CA) and the certificate's dates; the clock;
 the broker step by step (DNS, TCP, TLS, MQTT login with this gateway's
 certificate); every sensor's serial port and a real test read through its
 driver (only while the agent is stopped); free disk for the spool; the spool's
-backlog. Each line is `ok`, `warn`, `fail` or `skip` (not tried because an
+backlog; updates (the trusted update root, the release links, the update state,
+see doctor_ota). Each line is `ok`, `warn`, `fail` or `skip` (not tried because an
 earlier check failed); every line that is not ok says what to do. `--json`
 prints the same as one JSON object for tools. Exit status 0 when no check
 failed (warnings allowed), 1 otherwise.
@@ -32,6 +33,7 @@ from typing import Any
 from provisioning.doctor_broker import check_broker
 from provisioning.doctor_checks import Check, Status, check_clock, check_config, check_identity
 from provisioning.doctor_device import check_disk, check_sensors, check_spool
+from provisioning.doctor_ota import check_updates
 from provisioning.identity_tools import DEFAULT_CONFIG
 from provisioning.procscan import running_agents
 
@@ -45,7 +47,7 @@ def register(sub: Any) -> None:
     """Entry point `citygate.commands`: add the `doctor` subcommand."""
     parser: argparse.ArgumentParser = sub.add_parser(
         "doctor",
-        help="check this gateway: config, identity, clock, broker, sensors, disk, spool",
+        help="check this gateway: config, identity, clock, broker, sensors, disk, spool, updates",
         description="The technician's checklist. Each line is ok, WARN, FAIL or skip; every "
         "line that is not ok says what to do. Exit status 0 when nothing failed. "
         "Safe to run while the service runs. See docs/technician.md.",
@@ -83,7 +85,7 @@ def run_checks(
         checks.append(check_clock(None, config_path, None))
         checks += [
             Check(name, Status.SKIP, "not checked: the config is not usable")
-            for name in ("identity", "broker", "sensors", "disk", "spool")
+            for name in ("identity", "broker", "sensors", "disk", "spool", "updates")
         ]
         return checks
     agents = running_agents(config_path)
@@ -94,6 +96,7 @@ def run_checks(
     checks += check_sensors(config, agents, sensor_timeout)
     checks.append(check_disk(config))
     checks.append(check_spool(config))
+    checks += check_updates(config)
     return checks
 
 

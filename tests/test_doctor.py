@@ -213,7 +213,7 @@ def test_doctor_json_lists_every_check_in_order_with_its_status(
     assert body["ok"] is True
     assert [c["name"] for c in body["checks"]] == [
         "config", "identity", "certificate", "clock", "broker dns", "broker tcp",
-        "broker tls", "broker mqtt", "sensor air_1", "disk", "spool",
+        "broker tls", "broker mqtt", "sensor air_1", "disk", "spool", "updates",
     ]  # fmt: skip
     assert {c["status"] for c in body["checks"]} <= {"ok", "warn"}
 
@@ -368,6 +368,7 @@ def test_doctor_lists_every_config_problem_and_skips_what_needs_the_config(
     assert f"{config}:0: identity:" in text or "identity" in text
     assert lines["identity"][0] == "skip"
     assert lines["spool"][0] == "skip"
+    assert lines["updates"][0] == "skip"
 
 
 def test_doctor_says_which_config_to_pass_when_there_is_none(tmp_path: Path) -> None:

@@ -83,7 +83,8 @@ exit 2
 """
 
 
-def _fake_wheel(directory: Path, version: str, *, selftest_ok: bool) -> Path:
+def fake_wheel(directory: Path, version: str, *, selftest_ok: bool) -> Path:
+    """A citygate wheel whose `citygate selftest` passes or fails (also tests/test_ota_https)."""
     source = FAKE_CITYGATE.format(version=version, ok=selftest_ok)
     return make_wheel(
         directory / version,
@@ -93,7 +94,8 @@ def _fake_wheel(directory: Path, version: str, *, selftest_ok: bool) -> Path:
     )
 
 
-def _repository(directory: Path, bundles: list[Path]) -> Path:
+def make_repository(directory: Path, bundles: list[Path]) -> Path:
+    """A TUF repository made with images.repo offering `bundles`."""
     assert repo_tool.main(["init", str(directory)]) == 0
     for bundle in bundles:
         assert repo_tool.main(["add", str(directory), str(bundle)]) == 0
@@ -110,11 +112,11 @@ class Repos:
 def repos(tmp_path_factory: pytest.TempPathFactory) -> Repos:
     base = tmp_path_factory.mktemp("ota-repos")
     wheels = base / "wheels"
-    good = make_bundle(base, "2.0", [_fake_wheel(wheels, "2.0", selftest_ok=True)])
-    bad = make_bundle(base, "3.0", [_fake_wheel(wheels, "3.0", selftest_ok=False)])
+    good = make_bundle(base, "2.0", [fake_wheel(wheels, "2.0", selftest_ok=True)])
+    bad = make_bundle(base, "3.0", [fake_wheel(wheels, "3.0", selftest_ok=False)])
     return Repos(
-        good=_repository(base / "repo-good", [good]),
-        bad=_repository(base / "repo-bad", [good, bad]),
+        good=make_repository(base / "repo-good", [good]),
+        bad=make_repository(base / "repo-bad", [good, bad]),
     )
 
 
@@ -206,7 +208,8 @@ class Gateway:
         return current.name
 
 
-def _committed_release(root: Path) -> None:
+def committed_release(root: Path) -> None:
+    """Release 1.0 under `root`, current and committed (see the module docstring)."""
     release = root / "releases/1.0"
     (release / "bin").mkdir(parents=True)
     wrapper = release / "bin/citygate"
@@ -220,7 +223,7 @@ def _committed_release(root: Path) -> None:
 
 def _gateway(tmp: Path, repos: Repos, **ota: object) -> Gateway:
     root, state = tmp / "opt", tmp / "state"
-    _committed_release(root)
+    committed_release(root)
     settings = {
         "root": str(root),
         "trusted_root": str(repos.good / "metadata/1.root.json"),

@@ -15,24 +15,18 @@ every step's work is idempotent, so a SIGKILL or power cut anywhere resumes:
   release's code: more than `max_trial_starts` starts, or a start past the
   deadline, switches `current` back to `committed`.
 
-A version that failed its self-test or was rolled back goes to table "refused"
-and is never chosen again automatically (`apply(force=True)` may). Table
-"history" keeps what happened, one row per event (`step`: offered, verified,
-installed, selftest_failed, switched, trial, committed, rolled_back, failed,
-rejected; published as the event kind `ota_<step>`), with a `reported` flag the
-agent sets once the row went out on the events topic.
-
-Processes: the agent, the CLI and the guard share these files. `flow.lock` is held
-(fcntl.flock) for a whole run, so two triggers never interleave: the second waits
-(bounded) and then sees the first one's result. Every state change is one
-read-modify-write of the whole file under the short `state.lock`; the guard and
-the trial calls take only that one, so a service start never waits for a download.
+A version that failed its self-test or was rolled back is refused: never chosen
+again automatically (`apply(force=True)` may). Every step taken is a history row
+(`step`: offered, verified, installed, selftest_failed, switched, trial, committed,
+rolled_back, failed, rejected), published by the agent as the event `ota_<step>`.
+The agent, the CLI and the guard share these files and their locks (agent.ota.store);
+a whole run holds the flow lock, so a second trigger waits (bounded) and then sees
+the first one's result.
 
 Trusts: TUF (agent.ota.trust) for what to install; agent.ota.bundle for the bundle's
-members; the release's own `citygate selftest` for whether it runs. Its own state
-file (a corrupt one is set aside by AtomicJSONStorage and the flow starts idle).
-The wall clock only when `clock_trusted()` says so (agent.clock's rule): TUF
-expiry checks against a wrong clock are meaningless, so no check runs before.
+members; the release's own `citygate selftest` for whether it runs; its own state
+(agent.ota.store). The wall clock only when `clock_trusted()` says so (agent.clock's
+rule): TUF expiry checks against a wrong clock are meaningless, so no check runs before.
 
 Test rig: `CITYGATE_OTA_KILL_AT=<point>` makes the process SIGKILL *itself* right
 after the point named (a step name: just after that step was persisted;
@@ -43,48 +37,58 @@ for the crash tests; it never touches another process.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
 import logging
 import os
 import shutil
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from agent import version as agent_version
-from agent.clock import WallClock, boottime, trust_floor
+from agent.clock import WallClock, trust_floor
 from agent.ota.bundle import BundleError, Manifest, platform_tag, python_tag, unpack
 from agent.ota.fetch import DownloadLimits, FetchError, fetcher_for
 from agent.ota.release import ReleaseError, Releases
+from agent.ota.store import (
+    CHECKING,
+    DOWNLOADING,
+    IDLE,
+    INSTALLING,
+    SELFTEST,
+    SWITCHING,
+    TRIAL,
+    OtaError,
+    StateStore,
+    Tx,
+    past_deadline,
+    trial_deadline,
+)
 from agent.ota.trust import Candidate, TrustError, UpdateRepository
-from agent.state import AtomicJSONStorage
 
 if TYPE_CHECKING:
     from agent.config import Config
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "WAIT_S",
+    "OtaError",
+    "OtaManager",
+    "OtaSettings",
+    "Outcome",
+    "clock_trusted_for",
+    "manager_for",
+]
 
-IDLE: Final = "idle"
-CHECKING: Final = "checking"
-DOWNLOADING: Final = "downloading"
-INSTALLING: Final = "installing"
-SELFTEST: Final = "selftest"
-SWITCHING: Final = "switching"
-TRIAL: Final = "trial"
+log = logging.getLogger(__name__)
 
 #: attempts at one target (a failed step or a crash counts one) before the flow gives up
 ATTEMPTS_MAX: Final = 3
-#: history rows kept; the oldest reported rows go first (flash wear and file size)
-HISTORY_MAX: Final = 200
 #: how long a trigger waits for another run by default before reporting "busy"
 WAIT_S: Final = 3600.0
 KILL_ENV: Final = "CITYGATE_OTA_KILL_AT"
-_BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
 
 # what `Outcome.result` says
 UP_TO_DATE: Final = "up_to_date"
@@ -96,10 +100,6 @@ RETRY: Final = "retry"
 REJECTED: Final = "rejected"
 SELFTEST_FAILED: Final = "selftest_failed"
 _OK_RESULTS: Final = frozenset({UP_TO_DATE, SWITCHED, IN_TRIAL})
-
-
-class OtaError(Exception):
-    """The flow cannot run: busy, no repository, nothing to roll back to."""
 
 
 class OtaSettings(Protocol):
@@ -148,98 +148,6 @@ def _fault(point: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _boot_id() -> str:
-    try:
-        return _BOOT_ID.read_text(encoding="ascii").strip()
-    except OSError:
-        return ""
-
-
-@contextlib.contextmanager
-def _flock(path: Path, wait_s: float | None) -> Iterator[None]:
-    """Hold an exclusive flock on `path`; wait at most `wait_s` (None: as long as it takes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
-    try:
-        if wait_s is None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        else:
-            deadline = time.monotonic() + wait_s
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        raise OtaError(
-                            f"another OTA run holds {path} after {wait_s:g} s of waiting; "
-                            "see `citygate ota status` and try again later"
-                        ) from None
-                    time.sleep(0.1)
-        yield
-    finally:
-        os.close(fd)
-
-
-class _Tx:
-    """The whole state file (TinyDB's layout: table -> {doc id: document}) being changed."""
-
-    def __init__(self, data: dict[str, dict[str, Any]], wall: float) -> None:
-        self.data = data
-        self.wall = wall
-        self.dirty = False
-
-    @property
-    def flow(self) -> dict[str, Any]:
-        doc: dict[str, Any] = self.data.get("ota", {}).get("1", {})
-        return {"state": IDLE} | doc
-
-    def set_flow(self, **changes: Any) -> None:
-        flow = self.flow | changes
-        self.data["ota"] = {"1": flow}
-        self.dirty = True
-
-    def idle(self) -> None:
-        """Back to idle: the flow's per-target fields cleared."""
-        self.data["ota"] = {"1": {"state": IDLE}}
-        self.dirty = True
-
-    def add(self, event: str, version: str | None, outcome: str, detail: str = "") -> None:
-        rows = self.data.setdefault("history", {})
-        new_id = max((int(k) for k in rows), default=0) + 1
-        rows[str(new_id)] = {
-            "time": self.wall,
-            "step": event,
-            "version": version,
-            "outcome": outcome,
-            "detail": detail[-500:],
-            "reported": False,
-        }
-        for key in sorted(rows, key=int):
-            if len(rows) <= HISTORY_MAX:
-                break
-            if rows[key]["reported"]:
-                del rows[key]
-        self.dirty = True
-
-    def refused(self) -> set[str]:
-        return {str(doc["version"]) for doc in self.data.get("refused", {}).values()}
-
-    def unrefuse(self, version: str) -> None:
-        docs = self.data.get("refused", {})
-        for key in [k for k, doc in docs.items() if doc["version"] == version]:
-            del docs[key]
-            self.dirty = True
-
-    def refuse(self, version: str, reason: str) -> None:
-        if version in self.refused():
-            return
-        docs = self.data.setdefault("refused", {})
-        new_id = max((int(k) for k in docs), default=0) + 1
-        docs[str(new_id)] = {"version": version, "reason": reason[-300:], "time": self.wall}
-        self.dirty = True
-
-
 class OtaManager:
     """The flow for one gateway: its state dir, its `[ota]` settings and its release root."""
 
@@ -255,6 +163,7 @@ class OtaManager:
         wall: Callable[[], float] = time.time,
     ) -> None:
         self.dir = state_dir / "ota"
+        self.store = StateStore(self.dir, wall)
         self.settings = settings
         self.releases = Releases(settings.root)
         self._clock_trusted = clock_trusted
@@ -265,28 +174,14 @@ class OtaManager:
 
     # -- state -------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[_Tx]:
-        """One read-modify-write of the state file under the short state lock."""
-        with _flock(self.dir / "state.lock", None):
-            storage = AtomicJSONStorage(self.dir / "state.json")
-            tx = _Tx(storage.read() or {}, self._wall())
-            yield tx
-            if tx.dirty:
-                storage.write(tx.data)
-
     def _persist(self, step: str, **changes: Any) -> None:
-        with self._tx() as tx:
+        with self.store.tx() as tx:
             tx.set_flow(state=step, **changes)
         _fault(step)
 
-    def _flow(self) -> dict[str, Any]:
-        with self._tx() as tx:
-            return tx.flow
-
     def status(self) -> dict[str, Any]:
         """The flow document, the releases and the refused versions."""
-        with self._tx() as tx:
+        with self.store.tx() as tx:
             flow, refused = tx.flow, sorted(tx.refused())
         return {
             **flow,
@@ -299,22 +194,16 @@ class OtaManager:
 
     def history(self) -> list[dict[str, Any]]:
         """Every history row, oldest first, each with its `id`."""
-        with self._tx() as tx:
-            rows = tx.data.get("history", {})
-        return [{"id": int(k), **rows[k]} for k in sorted(rows, key=int)]
+        return self.store.history()
 
     def unreported(self) -> list[dict[str, Any]]:
         """History rows not yet published on the events topic."""
         return [row for row in self.history() if not row["reported"]]
 
     def mark_reported(self, ids: list[int]) -> None:
-        with self._tx() as tx:
-            rows = tx.data.get("history", {})
-            for doc_id in ids:
-                row = rows.get(str(doc_id))
-                if row is not None and not row["reported"]:
-                    row["reported"] = True
-                    tx.dirty = True
+        """The history rows `ids` went out on the events topic."""
+        with self.store.tx() as tx:
+            tx.mark_reported(ids)
 
     def _installed(self) -> str:
         return self.releases.current() or agent_version()
@@ -323,20 +212,20 @@ class OtaManager:
 
     def apply(self, repo: str | None, *, force: bool = False, wait_s: float = WAIT_S) -> Outcome:
         """Run (or continue) the flow up to the switch; wait up to `wait_s` for another run."""
-        with _flock(self.dir / "flow.lock", wait_s):
+        with self.store.run_lock(wait_s):
             return self._run(repo, force)
 
     def resume(self, *, wait_s: float = WAIT_S) -> Outcome | None:
         """Continue an interrupted flow (agent start); None when there is none."""
-        if self._flow()["state"] in (IDLE, TRIAL):
+        if self.store.flow()["state"] in (IDLE, TRIAL):
             return None
-        with _flock(self.dir / "flow.lock", wait_s):
-            if self._flow()["state"] in (IDLE, TRIAL):
+        with self.store.run_lock(wait_s):
+            if self.store.flow()["state"] in (IDLE, TRIAL):
                 return None
             return self._run(None, False)
 
     def _run(self, repo: str | None, force: bool) -> Outcome:
-        flow = self._flow()
+        flow = self.store.flow()
         step = flow["state"]
         if step == TRIAL:
             target = flow["target"]
@@ -371,7 +260,7 @@ class OtaManager:
             trust = self._trust(repo)
             trust.refresh()
             installed = self._installed()
-            with self._tx() as tx:
+            with self.store.tx() as tx:
                 refused = frozenset() if force else frozenset(tx.refused())
             cand, why = trust.choose(
                 installed,
@@ -388,7 +277,7 @@ class OtaManager:
         except (FetchError, OSError) as exc:
             return self._retry(f"checking {repo}: {exc}")
         if cand is None:
-            with self._tx() as tx:
+            with self.store.tx() as tx:
                 tx.idle()
             self._cleanup()
             detail = "; ".join(why) if why else "no newer release"
@@ -409,7 +298,7 @@ class OtaManager:
                 f"({self.settings.max_bundle_bytes})",
                 refuse=True,
             )
-        with self._tx() as tx:
+        with self.store.tx() as tx:
             tx.set_flow(state=DOWNLOADING, target=version, from_version=installed, attempt=attempt)
             tx.add("offered", version, "ok", f"from {installed}, attempt {attempt}")
         _fault(DOWNLOADING)
@@ -422,7 +311,7 @@ class OtaManager:
         except (FetchError, OSError) as exc:
             return self._retry(f"downloading {cand.name}: {exc}")
         _fault(DOWNLOADING + "/done")
-        with self._tx() as tx:
+        with self.store.tx() as tx:
             tx.set_flow(state=INSTALLING)
             tx.add("verified", version, "ok", f"{cand.length} bytes")
         _fault(INSTALLING)
@@ -437,13 +326,13 @@ class OtaManager:
         except (ReleaseError, OSError) as exc:
             return self._retry(f"installing {version}: {exc}")
         _fault(INSTALLING + "/done")
-        with self._tx() as tx:
+        with self.store.tx() as tx:
             tx.set_flow(state=SELFTEST)
             tx.add("installed", version, "ok", str(self.releases.path(version)))
         _fault(SELFTEST)
         ok, output = self.releases.selftest(version, config=self._selftest_config)
         if not ok:
-            with self._tx() as tx:
+            with self.store.tx() as tx:
                 tx.idle()
                 tx.refuse(version, "self-test failed")
                 tx.add("selftest_failed", version, "failed", output)
@@ -462,7 +351,7 @@ class OtaManager:
             return self._retry(f"switching to {version}: {exc}", step=INSTALLING)
         _fault(SWITCHING + "/done")
         self._cleanup()  # before the trial is recorded: a resumed switch cleans up too
-        with self._tx() as tx:
+        with self.store.tx() as tx:
             frm = tx.flow.get("from_version")
             tx.set_flow(state=TRIAL, trial_starts=0, trial_deadline=None, error=None)
             tx.add("switched", version, "ok", f"from {frm}")
@@ -477,18 +366,18 @@ class OtaManager:
 
     def _retry(self, error: str, *, step: str | None = None) -> Outcome:
         """A step failed for a reason that may pass: keep the step (the next run resumes)."""
-        flow = self._flow()
+        flow = self.store.flow()
         if int(flow.get("attempt", 1)) >= ATTEMPTS_MAX:
             return self._give_up(flow.get("target"), error)
         attempt = f"attempt {flow.get('attempt', 1)} of {ATTEMPTS_MAX}; the next run retries"
-        with self._tx() as tx:
+        with self.store.tx() as tx:
             tx.set_flow(error=error, **({"state": step} if step else {}))
             tx.add("failed", flow.get("target"), "retry", f"{error} ({attempt})")
         log.info("OTA %s failed: %s", attempt, error)
         return Outcome(RETRY, flow.get("target"), f"{error} ({attempt})")
 
     def _give_up(self, target: str | None, error: str) -> Outcome:
-        with self._tx() as tx:
+        with self.store.tx() as tx:
             tx.idle()
             tx.add("failed", target, "failed", f"gave up after {ATTEMPTS_MAX} attempts: {error}")
         self._cleanup()
@@ -496,7 +385,7 @@ class OtaManager:
 
     def _reject(self, version: str | None, why: str, *, refuse: bool) -> Outcome:
         """A security or validity failure: never retried silently; reported, flow idle."""
-        with self._tx() as tx:
+        with self.store.tx() as tx:
             tx.idle()
             if refuse and version is not None:
                 tx.refuse(version, why)
@@ -552,7 +441,7 @@ class OtaManager:
     def guard(self) -> str:
         """Before a service start (run from the committed release): count a trial start;
         roll back when there were too many or the deadline has passed."""
-        with self._tx() as tx:
+        with self.store.tx() as tx:
             flow = tx.flow
             if flow["state"] != TRIAL:
                 return f"not in trial ({flow['state']})"
@@ -564,7 +453,7 @@ class OtaManager:
             limit = self.settings.max_trial_starts
             if starts > limit:
                 return self._roll_back(tx, version, f"started {starts} times (limit {limit})")
-            if self._past_deadline(flow):
+            if past_deadline(flow, self._wall()):
                 return self._roll_back(tx, version, "its trial deadline passed")
             tx.set_flow(trial_starts=starts)
         return f"trial of {version}: start {starts} of {limit}"
@@ -572,23 +461,19 @@ class OtaManager:
     def trial_begin(self, own_version: str) -> float | None:
         """The agent started: when it is the release in trial, the trial deadline (unix s),
         set on the first start and kept after."""
-        with self._tx() as tx:
+        with self.store.tx() as tx:
             flow = tx.flow
             if flow["state"] != TRIAL or flow.get("target") != own_version:
                 return None
             if flow.get("trial_deadline") is None:
                 span = self.settings.trial_deadline_s
-                tx.set_flow(
-                    trial_deadline=tx.wall + span,
-                    trial_deadline_boot=boottime() + span,
-                    trial_boot_id=_boot_id(),
-                )
+                tx.set_flow(**trial_deadline(tx.wall, span))
                 tx.add("trial", own_version, "ok", f"deadline in {span:g} s")
             return float(tx.flow["trial_deadline"])
 
     def trial_commit(self, own_version: str) -> None:
         """The release in trial got a signed health message acknowledged: keep it."""
-        with self._tx() as tx:
+        with self.store.tx() as tx:
             flow = tx.flow
             if flow["state"] != TRIAL or flow.get("target") != own_version:
                 return
@@ -599,20 +484,13 @@ class OtaManager:
 
     def trial_fail(self, own_version: str, reason: str) -> None:
         """The release in trial did not prove itself: switch back to the committed one."""
-        with self._tx() as tx:
+        with self.store.tx() as tx:
             flow = tx.flow
             if flow["state"] != TRIAL or flow.get("target") != own_version:
                 return
             self._roll_back(tx, own_version, reason)
 
-    def _past_deadline(self, flow: dict[str, Any]) -> bool:
-        if flow.get("trial_deadline") is None:
-            return False
-        if flow.get("trial_boot_id") == _boot_id() and _boot_id():
-            return boottime() > float(flow["trial_deadline_boot"])
-        return self._wall() > float(flow["trial_deadline"])
-
-    def _roll_back(self, tx: _Tx, version: str, reason: str) -> str:
+    def _roll_back(self, tx: Tx, version: str, reason: str) -> str:
         committed = self.releases.committed()
         if committed is None:
             raise OtaError(
@@ -622,7 +500,7 @@ class OtaManager:
         _fault("rollback/switched")
         return self._rolled_back(tx, version, reason)
 
-    def _rolled_back(self, tx: _Tx, version: str, reason: str) -> str:
+    def _rolled_back(self, tx: Tx, version: str, reason: str) -> str:
         back = self.releases.current()
         tx.idle()
         tx.refuse(version, f"rolled back: {reason}")
