@@ -13,7 +13,7 @@ every step's work is idempotent, so a SIGKILL or power cut anywhere resumes:
 - trial is finished by the running release (`trial_commit` / `trial_fail`) or by
   the guard, which runs before every service start from the *committed*
   release's code: more than `max_trial_starts` starts, or a start past the
-  deadline, switches `current` back to `committed`.
+  deadline, switches `current` back to `committed` (agent.ota.trial).
 
 A version that failed its self-test or was rolled back is refused: never chosen
 again automatically (`apply(force=True)` may). Every step taken is a history row
@@ -63,10 +63,8 @@ from agent.ota.store import (
     TRIAL,
     OtaError,
     StateStore,
-    Tx,
-    past_deadline,
-    trial_deadline,
 )
+from agent.ota.trial import Trial
 from agent.ota.trust import Candidate, TrustError, UpdateRepository
 
 if TYPE_CHECKING:
@@ -170,7 +168,7 @@ class OtaManager:
         self._selftest_config = selftest_config
         self._client_cert = client_cert
         self._client_key = client_key
-        self._wall = wall
+        self._trial = Trial(self.store, self.releases, settings, wall=wall, fault=_fault)
 
     # -- state -------------------------------------------------------------------------
 
@@ -436,77 +434,25 @@ class OtaManager:
         for name in ("downloads", "unpack"):
             shutil.rmtree(self.dir / name, ignore_errors=True)
 
-    # -- the trial ---------------------------------------------------------------------
+    # -- the trial (agent.ota.trial) ---------------------------------------------------
 
     def guard(self) -> str:
         """Before a service start (run from the committed release): count a trial start;
         roll back when there were too many or the deadline has passed."""
-        with self.store.tx() as tx:
-            flow = tx.flow
-            if flow["state"] != TRIAL:
-                return f"not in trial ({flow['state']})"
-            version = str(flow["target"])
-            current = self.releases.current()
-            if current != version:
-                return self._rolled_back(tx, version, f"current is {current}, not {version}")
-            starts = int(flow.get("trial_starts", 0)) + 1
-            limit = self.settings.max_trial_starts
-            if starts > limit:
-                return self._roll_back(tx, version, f"started {starts} times (limit {limit})")
-            if past_deadline(flow, self._wall()):
-                return self._roll_back(tx, version, "its trial deadline passed")
-            tx.set_flow(trial_starts=starts)
-        return f"trial of {version}: start {starts} of {limit}"
+        return self._trial.guard()
 
     def trial_begin(self, own_version: str) -> float | None:
         """The agent started: when it is the release in trial, the trial deadline (unix s),
         set on the first start and kept after."""
-        with self.store.tx() as tx:
-            flow = tx.flow
-            if flow["state"] != TRIAL or flow.get("target") != own_version:
-                return None
-            if flow.get("trial_deadline") is None:
-                span = self.settings.trial_deadline_s
-                tx.set_flow(**trial_deadline(tx.wall, span))
-                tx.add("trial", own_version, "ok", f"deadline in {span:g} s")
-            return float(tx.flow["trial_deadline"])
+        return self._trial.begin(own_version)
 
     def trial_commit(self, own_version: str) -> None:
         """The release in trial got a signed health message acknowledged: keep it."""
-        with self.store.tx() as tx:
-            flow = tx.flow
-            if flow["state"] != TRIAL or flow.get("target") != own_version:
-                return
-            self.releases.commit(own_version)
-            tx.idle()
-            tx.unrefuse(own_version)  # installed with --force and proved itself
-            tx.add("committed", own_version, "ok", f"from {flow.get('from_version')}")
+        self._trial.commit(own_version)
 
     def trial_fail(self, own_version: str, reason: str) -> None:
         """The release in trial did not prove itself: switch back to the committed one."""
-        with self.store.tx() as tx:
-            flow = tx.flow
-            if flow["state"] != TRIAL or flow.get("target") != own_version:
-                return
-            self._roll_back(tx, own_version, reason)
-
-    def _roll_back(self, tx: Tx, version: str, reason: str) -> str:
-        committed = self.releases.committed()
-        if committed is None:
-            raise OtaError(
-                f"cannot roll back {version}: no committed release under {self.settings.root}"
-            )
-        self.releases.switch(committed)
-        _fault("rollback/switched")
-        return self._rolled_back(tx, version, reason)
-
-    def _rolled_back(self, tx: Tx, version: str, reason: str) -> str:
-        back = self.releases.current()
-        tx.idle()
-        tx.refuse(version, f"rolled back: {reason}")
-        tx.add("rolled_back", version, "rolled_back", f"{reason}; current is {back}")
-        log.error("release %s rolled back: %s", version, reason)
-        return f"rolled back {version} to {back}: {reason}"
+        self._trial.fail(own_version, reason)
 
 
 def clock_trusted_for(config: Config) -> Callable[[], bool]:
