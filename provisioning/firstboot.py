@@ -16,10 +16,11 @@ technician copies onto the card's boot partition (images/firstboot/README.md):
   the APN instead, which any modem that ModemManager drives will use.
 - `user-data` (#cloud-config): host name, time zone, NTP; the first-boot script
   and its unit (`provisioning.firstboot_files`); the gateway config, the CA
-  bundle, the token and the claim certificate and key staged in a root-only
-  directory; runcmd enables and starts the unit, which installs the package
-  from the boot partition, writes the config, makes the key, enrolls and
-  starts the agent, and repeats until it has succeeded.
+  bundle, the update repository's TUF root (if the site ships one), the token
+  and the claim certificate and key staged in a root-only directory; runcmd
+  enables and starts the unit, which installs the package from the boot
+  partition, writes the config, makes the key, enrolls and starts the agent,
+  and repeats until it has succeeded.
 
 The YAML is written by hand, as data: every scalar from the site file is a
 double-quoted YAML string, every file a literal block.
@@ -228,6 +229,8 @@ def _staged_files(site: Site) -> list[tuple[PurePosixPath, str, int]]:
     ]
     if site.enroll_port is not None:
         staged.append((stage / "enroll-port", f"{site.enroll_port}\n", PUBLIC_MODE))
+    if site.update_root_json is not None:
+        staged.append((stage / "update-root.json", site.update_root_json, PUBLIC_MODE))
     if isinstance(site.network, Cellular):
         staged.append((files.CELLULAR_PROFILE, cellular_profile(site, site.network), SECRET_MODE))
     return staged

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import PurePosixPath
 
-from provisioning.site import CA_PATH, CERT_PATH, CONFIG_PATH, KEY_PATH
+from provisioning.site import CA_PATH, CERT_PATH, CONFIG_PATH, KEY_PATH, UPDATE_ROOT_PATH
 
 STAGE_DIR = PurePosixPath("/var/lib/citygate-firstboot")
 SCRIPT_PATH = PurePosixPath("/usr/local/sbin/citygate-firstboot")
@@ -51,6 +51,7 @@ CONFIG=@CONFIG@
 KEY=@KEY@
 CERT=@CERT@
 CA=@CA@
+UPDATE_ROOT=@UPDATE_ROOT@
 CELLULAR=@CELLULAR@
 CLOCK_WAIT_S=@CLOCK_WAIT_S@
 if [ -d /boot/firmware ]; then BOOT=/boot/firmware; else BOOT=/boot; fi
@@ -107,6 +108,13 @@ configure() {
     if [ ! -f "$STAGE/gateway.toml" ]; then
         say "config: written already"
         return 0
+    fi
+    # the update repository's TUF root, before the config that names it: public, and
+    # root's (only a new root signed by the old root keys replaces it, in the agent's cache)
+    if [ -f "$STAGE/update-root.json" ]; then
+        install -o root -g root -m 0644 "$STAGE/update-root.json" "$UPDATE_ROOT.firstboot"
+        mv -f "$UPDATE_ROOT.firstboot" "$UPDATE_ROOT"
+        say "config: wrote the update repository's trusted root $UPDATE_ROOT"
     fi
     # after the package: it creates the group citygate, and owns the config as a conffile
     install -o root -g citygate -m 0640 "$STAGE/gateway.toml" "$CONFIG.firstboot"
@@ -195,7 +203,7 @@ enroll
 start_agent
 : > "$STAGE/done"
 sync
-rm -f "$STAGE/gateway.toml" "$STAGE/ca.crt"
+rm -f "$STAGE/gateway.toml" "$STAGE/ca.crt" "$STAGE/update-root.json"
 systemctl disable @UNIT@ > /dev/null 2>&1 || true
 report "done: gateway $(cat "$STAGE/gateway-id") is enrolled and citygate.service runs"
 say "done: gateway $(cat "$STAGE/gateway-id") is enrolled and citygate.service runs"
@@ -237,6 +245,7 @@ def _fill(template: str) -> str:
         "@KEY@": str(KEY_PATH),
         "@CERT@": str(CERT_PATH),
         "@CA@": str(CA_PATH),
+        "@UPDATE_ROOT@": str(UPDATE_ROOT_PATH),
         "@CELLULAR@": str(CELLULAR_PROFILE),
         "@CLOCK_WAIT_S@": str(CLOCK_WAIT_S),
     }

@@ -2,7 +2,8 @@
 
 A technician (or operations) writes one short TOML file per gateway: its id, its
 radio link (Wi-Fi or a cellular APN), the broker and its CA, the one-time
-enrollment token, optional clock settings and optional sensors.
+enrollment token, optional clock settings, the optional update repository with
+the TUF root metadata the gateway trusts for it, and optional sensors.
 images/firstboot/site.example.toml documents every key. `read_site` checks all
 of it and returns a `Site`, or raises `agent.config.ConfigError` listing every
 problem as FILE:LINE: KEY: MESSAGE, like the gateway config's own errors.
@@ -14,7 +15,9 @@ line that the value came from.
 
 Trust: the site file and the files it names are untrusted input. They hold
 secrets (token, Wi-Fi passphrase, SIM PIN, claim key): no message and no `repr`
-shows them.
+shows them. The update root must be TUF root metadata signed by a threshold of its
+own root keys (python-tuf's Metadata API checks it, as the gateway's TUF client
+will before trusting it); whether those are the right keys is the site file's word.
 """
 
 from __future__ import annotations
@@ -27,6 +30,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tuf.api.exceptions import UnsignedMetadataError
+from tuf.api.metadata import Metadata, Root
+from tuf.api.serialization import DeserializationError
 
 from agent._tomlpos import KeyLines, KeyPath, Report, Table, describe_type, render_key
 from agent.config import ConfigError, ConfigIssue, load_config
@@ -55,10 +62,13 @@ KEY_PATH = Path("/etc/citygate/identity/gateway.key")
 CERT_PATH = Path("/etc/citygate/identity/gateway.crt")
 CA_PATH = Path("/etc/citygate/identity/ca.crt")
 STATE_DIR = Path("/var/lib/citygate")
+#: the TUF root metadata of the update repository (agent.config's ota.trusted_root)
+UPDATE_ROOT_PATH = Path("/etc/citygate/update-root.json")
 
-_TABLES = ("gateway", "network", "broker", "enrollment", "sensors")
+_TABLES = ("gateway", "network", "broker", "enrollment", "ota", "sensors")
 _TOML_AT = re.compile(r"\s*\(at line (\d+), column (\d+)\)$")
 _MAX_PEM_FILE = 1 << 20
+_MAX_ROOT_FILE = 1 << 20
 _MAX_NTP_SERVERS = 8
 
 
@@ -93,6 +103,7 @@ class Site:
     claim_key_pem: str = field(repr=False)  # ... until it has its own certificate
     enroll_port: int | None  # the broker's enrollment listener; None: enroll's default
     gateway_toml: str = field(repr=False)  # accepted by agent.config.load_config
+    update_root_json: str | None = None  # the TUF root for UPDATE_ROOT_PATH; None: none shipped
 
 
 # -- reading the file --------------------------------------------------------------------
@@ -313,10 +324,86 @@ def _read_pem_file(path: Path) -> tuple[str, str | None]:
         return "", f"cannot read {path}: {exc.strerror or exc}"
 
 
+@dataclass(frozen=True, slots=True)
+class _Ota:
+    repo: str | None
+    channel: str | None
+    hardware: str | None
+    root_json: str | None
+
+
+def _ota(report: Report, data: Mapping[str, Any], base: Path) -> _Ota:
+    """The optional [ota] table: repository, channel and hardware go into the config as they
+    are (load_config checks them); trusted_root is a file here, shipped to UPDATE_ROOT_PATH."""
+    table = _table(report, data, ("ota",))
+    if table is None:
+        return _Ota(None, None, None, None)
+    repo = table.text("repo", "", check=_no_check) or None
+    channel = table.text("channel", "", check=_no_check) or None
+    hardware = table.text("hardware", "", check=_no_check) or None
+    root_file = table.text("trusted_root", "", check=_no_check)
+    table.finish()
+    root_json = None
+    if root_file:
+        root_json, problem = _update_root(base / root_file)
+        if problem:
+            table.problem("trusted_root", problem)
+    elif repo is not None:
+        table.problem(
+            "repo",
+            "needs trusted_root: the repository's TUF root metadata (metadata/1.root.json "
+            "from `python -m images.repo init`), which the gateway starts trusting from",
+        )
+    return _Ota(repo, channel, hardware, root_json)
+
+
+def _update_root(path: Path) -> tuple[str | None, str | None]:
+    """(the root metadata's text, None), or (None, what is wrong with the file)."""
+    data, problem = _read_small(path, _MAX_ROOT_FILE, "root metadata")
+    if data is None:
+        return None, problem
+    if problem := _root_problem(path, data):
+        return None, problem
+    text = data.decode("utf-8").rstrip("\n") + "\n"
+    if not text.isascii() or any(c < " " and c not in "\t\n" for c in text):
+        return None, f"{path}: expected ASCII JSON without control characters (as images.repo)"
+    return text, None
+
+
+def _read_small(path: Path, limit: int, what: str) -> tuple[bytes | None, str | None]:
+    """(the file's bytes, None), or (None, what is wrong)."""
+    try:
+        if not path.is_file():
+            return None, f"not a file: {path}" if path.exists() else f"no such file {path}"
+        if path.stat().st_size > limit:
+            return None, f"{path} is larger than {limit} bytes: not {what}"
+        return path.read_bytes(), None
+    except OSError as exc:
+        return None, f"cannot read {path}: {exc.strerror or exc}"
+
+
+def _root_problem(path: Path, data: bytes) -> str | None:
+    """What keeps `data` from being TUF root metadata signed by its own root keys."""
+    try:
+        metadata = Metadata[Root].from_bytes(data)
+    except DeserializationError as exc:
+        return f"{path} is not TUF metadata ({exc.__cause__ or exc})"
+    if not isinstance(metadata.signed, Root):
+        return (
+            f"{path} is {metadata.signed.type} metadata; give the repository's root "
+            "metadata (metadata/N.root.json)"
+        )
+    try:
+        metadata.signed.verify_delegate(Root.type, metadata.signed_bytes, metadata.signatures)
+    except UnsignedMetadataError as exc:
+        return f"{path} is not signed by a threshold of its own root keys: {exc}"
+    return None
+
+
 # -- the gateway config, checked by the agent's own loader ----------------------------------
 
 
-def _gateway_config(site: Path, broker: _Broker, sensors: object) -> TomlLines:
+def _gateway_config(site: Path, broker: _Broker, ota: _Ota, sensors: object) -> TomlLines:
     out = TomlLines()
     out.comment(f"citygate gateway config for this gateway, from the site file {site.name}")
     out.comment("(`citygate provision seed`); docs/sample-gateway.toml documents every key.")
@@ -331,6 +418,17 @@ def _gateway_config(site: Path, broker: _Broker, sensors: object) -> TomlLines:
     out.value(("broker", "port"), broker.port)
     if broker.prefix is not None:
         out.value(("broker", "prefix"), broker.prefix)
+    settings = {
+        "repo": ota.repo,
+        "trusted_root": str(UPDATE_ROOT_PATH) if ota.root_json is not None else None,
+        "channel": ota.channel,
+        "hardware": ota.hardware,
+    }
+    if any(value is not None for value in settings.values()):
+        out.table(("ota",))
+        for key, value in settings.items():
+            if value is not None:
+                out.value(("ota", key), value)
     if isinstance(sensors, dict):
         for sensor_id, options in sensors.items():
             out.table(("sensors", sensor_id))
@@ -364,10 +462,11 @@ def read_site(path: Path) -> Site:
     network = _network(report, data)
     broker = _broker(report, data, base)
     enrollment = _enrollment(report, data, base, gateway.gateway_id)
+    ota = _ota(report, data, base)
     sensors = data.get("sensors")
     if sensors is not None and not isinstance(sensors, dict):
         report.add(("sensors",), f"expected a table, got {describe_type(sensors)}")
-    config = _gateway_config(path, broker, sensors)
+    config = _gateway_config(path, broker, ota, sensors)
     _raise_problems(path, text, report, _gateway_config_problems(config))
     return Site(
         source=path.absolute(),
@@ -382,6 +481,7 @@ def read_site(path: Path) -> Site:
         claim_key_pem=enrollment.claim_key,
         enroll_port=enrollment.port,
         gateway_toml=config.text(),
+        update_root_json=ota.root_json,
     )
 
 

@@ -321,6 +321,10 @@ dpkg --root="$R" -i "$1" > "$out/dpkg.log" 2>&1
 inroot getent passwd citygate > "$out/passwd"
 inroot stat -c '%U:%G %a' /etc/citygate/identity /var/lib/citygate > "$out/modes"
 readlink "$R/opt/citygate/current" > "$out/current"
+readlink "$R/opt/citygate/committed" > "$out/committed"
+inroot stat -c '%n %U:%G %a' /opt/citygate /opt/citygate/releases \
+    "/opt/citygate/releases/$3" > "$out/release-root"
+inroot stat -c '%n %U:%G' /opt/citygate/current /opt/citygate/committed > "$out/links"
 readlink "$R/etc/systemd/system/multi-user.target.wants/citygate.service" > "$out/wants"
 inroot dpkg --verify citygate > "$out/verify" 2>&1
 inroot /opt/citygate/current/bin/citygate --version > "$out/version"
@@ -338,7 +342,7 @@ systemd-analyze verify --root="$R" citygate.service > "$out/analyze" 2>&1
 """
     )
     try:
-        out, result = _in_throwaway_root(tmp_path, body, package.path, config)
+        out, result = _in_throwaway_root(tmp_path, body, package.path, config, package.version)
     finally:
         os.close(master)
         os.close(slave)
@@ -348,6 +352,18 @@ systemd-analyze verify --root="$R" citygate.service > "$out/analyze" 2>&1
     assert int(user[2]) < 1000  # a system account
     assert _read(out, "modes").splitlines() == ["citygate:citygate 700", "citygate:citygate 750"]
     assert _read(out, "current").strip() == f"releases/{package.version}"
+    assert _read(out, "committed").strip() == f"releases/{package.version}"
+    # updates write releases and switch links as citygate; the sticky bit keeps the
+    # package's own (root-owned) release out of the agent's reach
+    assert _read(out, "release-root").splitlines() == [
+        "/opt/citygate root:citygate 1775",
+        "/opt/citygate/releases root:citygate 1775",
+        f"/opt/citygate/releases/{package.version} root:root 755",
+    ]
+    assert _read(out, "links").splitlines() == [
+        "/opt/citygate/current citygate:citygate",
+        "/opt/citygate/committed citygate:citygate",
+    ]
     assert _read(out, "wants").strip() == "/lib/systemd/system/citygate.service"
     assert _read(out, "version").splitlines() == [f"citygate {package.version}"] * 2
     # the sample config is valid; only what provisioning and wiring add is missing
@@ -440,6 +456,98 @@ inroot stat -c '%U %a' /etc/citygate/identity/gateway.key > "$out/key"
     assert _read(out, "conffile") == "# changed on this gateway\n"
     assert _read(out, "key").strip() == "citygate 600"
     assert _read(out, "uid-after") == _read(out, "uid-before")
+
+
+#: what an update does to the release root, done by the service user with the package's
+#: own agent.ota.release: `trial V` (V installed and switched to, the flow on its trial)
+#: or `commit V...` (each installed, the last switched to and committed, older pruned)
+_UPDATE = """
+import json, logging, sys
+from pathlib import Path
+from agent.ota.release import Releases
+
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(levelname)s %(message)s")
+releases = Releases(Path("/opt/citygate"))
+action, *versions = sys.argv[1:]
+for version in versions:  # a release as an update leaves it, written by the service user
+    program = releases.path(version) / "bin" / "citygate"
+    program.parent.mkdir(parents=True)
+    program.write_text("#!/bin/sh\\n")
+    program.chmod(0o755)
+releases.switch(versions[-1])
+if action == "commit":
+    releases.commit(versions[-1])
+else:
+    state = Path("/var/lib/citygate/ota/state.json")
+    state.parent.mkdir(exist_ok=True)
+    flow = {"state": "trial", "target": versions[-1], "from_version": releases.committed(),
+            "trial_starts": 1, "trial_deadline": None}
+    state.write_text(json.dumps({"ota": {"1": flow}}))
+print("links", releases.current(), releases.committed())
+"""
+
+
+@needs_namespaces
+def test_the_package_replaces_an_older_update_on_trial_but_never_a_newer_one(
+    package: Package, upgrade: Package, lab: LabFiles, tmp_path: Path
+) -> None:
+    """ADR 0004 "OTA": the package's release becomes current and committed only when it is
+    newer than both; a trial it replaces is finished (refused), and the agent's prune of
+    old releases cannot remove the package's root-owned one."""
+    on_trial = f"{package.version}.post0"  # between the two packages
+    config = tmp_path / "provisioned.toml"
+    config.write_text(_gateway_config("/dev/ttyUSB0"))
+    update = tmp_path / "update.py"
+    update.write_text(_UPDATE)
+    body = (
+        _identity_env(lab)
+        + r"""
+old=$1 new=$2 old_release=/opt/citygate/releases/$5 new_release=/opt/citygate/releases/$6
+links() { readlink "$R/opt/citygate/current" "$R/opt/citygate/committed" | tr '\n' ' '; }
+dpkg --root="$R" -i "$old" > "$out/dpkg.log" 2>&1
+"""
+        + _PROVISION
+        + r"""
+cp "$3" "$R/etc/citygate/gateway.toml"
+cp "$4" "$R/tmp/update.py"
+as_service "$old_release/bin/python" -I /tmp/update.py trial "$7" > "$out/trial" 2>&1
+dpkg --root="$R" -i "$new" >> "$out/dpkg.log" 2>&1
+links > "$out/after-upgrade"
+as_service "$new_release/bin/citygate" ota status --json > "$out/status" 2>&1
+as_service "$new_release/bin/python" -I /tmp/update.py commit 8.0 9.0 > "$out/commit" 2>&1
+LC_ALL=C ls "$R/opt/citygate/releases" | tr '\n' ' ' > "$out/after-commit"
+dpkg --root="$R" -i "$old" >> "$out/dpkg.log" 2>&1
+links > "$out/after-downgrade"
+LC_ALL=C ls "$R/opt/citygate/releases" | tr '\n' ' ' > "$out/releases"
+inroot stat -c '%U:%G %a' /opt/citygate /opt/citygate/releases > "$out/modes"
+inroot dpkg --verify citygate > "$out/verify" 2>&1
+"""
+    )
+    args = (package.path, upgrade.path, config, update, package.version, upgrade.version)
+    out, result = _in_throwaway_root(tmp_path, body, *args, on_trial)
+    log = result.stderr + _read(out, "dpkg.log")
+    assert result.returncode == 0, log
+    assert _read(out, "trial") == f"links {on_trial} {package.version}\n"
+
+    # newer than the release on trial: both links move; the trial is over, its version refused
+    new = f"releases/{upgrade.version}"
+    assert _read(out, "after-upgrade") == f"{new} {new} ", log
+    status = json.loads(_read(out, "status"))
+    assert (status["state"], status["refused"]) == ("idle", [on_trial]), status
+    assert f"citygate ota guard: rolled back {on_trial}" in log
+
+    # the agent switches and prunes in the release root, but cannot remove the package's release
+    assert _read(out, "commit").splitlines()[-1] == "links 9.0 9.0"
+    warnings = [line for line in _read(out, "commit").splitlines() if line.startswith("WARNING")]
+    assert [w for w in warnings if f"/opt/citygate/releases/{upgrade.version}'" in w], warnings
+    assert _read(out, "after-commit") == f"{upgrade.version} 8.0 9.0 "  # {on_trial} pruned
+
+    # an older package (here a downgrade) leaves the newer update current and committed
+    assert _read(out, "after-downgrade") == "releases/9.0 releases/9.0 ", log
+    assert _read(out, "releases") == f"{package.version} 8.0 9.0 "
+    assert _read(out, "modes").splitlines() == ["root:citygate 1775"] * 2
+    changed = _read(out, "verify").splitlines()
+    assert [line for line in changed if not line.endswith(" c /etc/citygate/gateway.toml")] == []
 
 
 # -- booted with systemd as PID 1 ---------------------------------------------------
@@ -685,6 +793,211 @@ async def _drive(out: Path, verified: Capture, broker: LabBroker) -> None:
 
 def _dialout_gid() -> int:
     return grp.getgrnam("dialout").gr_gid
+
+
+# -- an update under systemd ---------------------------------------------------------
+
+OTA_BUMP = ".post9"  # the update's version: the package's, one up
+
+
+@pytest.fixture(scope="session")
+def update_repo(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, package: Package
+) -> Path:
+    """A TUF repository (images.repo) offering a bundle of this tree (images.bundle), one
+    version up; the bundle's dependency wheels are kept in pytest's cache between runs."""
+    kept = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    cache = kept.mkdir("citygate-bundle-deb") if kept else tmp_path_factory.mktemp("bundles")
+    out = tmp_path_factory.mktemp("update")
+    bundle = out / f"citygate-{package.version}{OTA_BUMP}.bundle"
+    repo = out / "repo"
+    for args in (
+        ["images.bundle", "build", "--version", f"{package.version}{OTA_BUMP}", "--out", bundle,
+         "--cache", cache],
+        ["images.repo", "init", repo, "--keys", out / "keys"],
+        ["images.repo", "add", repo, bundle, "--keys", out / "keys"],
+    ):  # fmt: skip
+        done = subprocess.run(
+            [sys.executable, "-m", *map(str, args)],
+            capture_output=True, text=True, check=False, cwd=ROOT, timeout=900,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+    for path in [repo, *repo.rglob("*")]:  # the gateway reads it as the service user
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    return repo
+
+
+_OTA_CONFIG = """\
+[ota]
+check_interval_s = 0
+trial_deadline_s = 120
+[health]
+interval_s = 5
+"""
+
+_OTA_RUNNER = r"""
+set -u
+out=/out
+unit=citygate.service
+new=$(cat /citygate-test/new-version)
+show() {
+    systemctl show "$unit" -p ActiveState -p SubState -p Result -p MainPID -p NRestarts \
+        > "$out/$1.show"
+}
+prop() { systemctl show "$unit" -p "$1" --value; }
+wait_until() {  # wait_until SECONDS COMMAND...: poll until the command succeeds
+    limit=$(( $1 * 10 )); shift
+    while ! "$@"; do
+        limit=$((limit - 1))
+        if [ "$limit" -le 0 ]; then echo "timed out: $*"; return 1; fi
+        sleep 0.1
+    done
+}
+state_is() { [ "$(prop ActiveState)/$(prop SubState)" = "$1" ]; }
+restarted() { [ "$(prop MainPID)" != "$1" ] && state_is active/running; }
+committed() { [ "$(readlink /opt/citygate/committed)" = "releases/$new" ]; }
+finish() {
+    journalctl -u "$unit" -o json --no-pager > "$out/journal.json"
+    journalctl -u citygate-apply.service -o cat --no-pager > "$out/apply.log"
+    echo "$1" > "$out/runner.done"
+}
+
+systemctl start "$unit"
+if ! state_is active/running; then finish "citygate.service did not start"; exit 1; fi
+pid=$(prop MainPID)
+show started
+
+# the update, installed by the agent's code under the unit's own sandbox: the unit file
+# with only its process type, guard, watchdog, restart and start timeout changed
+apply="/opt/citygate/current/bin/citygate ota apply --repo /updates"
+sed -e "s|^ExecStart=.*|ExecStart=$apply --config /etc/citygate/gateway.toml|" \
+    -e 's/^Type=notify/Type=oneshot/' -e '/^ExecStartPre=/d' -e '/^NotifyAccess=/d' \
+    -e '/^WatchdogSec=/d' -e '/^Restart/d' -e '/^SuccessExitStatus=/d' \
+    -e 's/^TimeoutStartSec=.*/TimeoutStartSec=10min/' -e '/^\[Install\]/,$d' \
+    /lib/systemd/system/citygate.service > /etc/systemd/system/citygate-apply.service
+systemctl daemon-reload
+systemctl start citygate-apply.service; echo $? > "$out/apply.rc"
+
+# the agent sees the switch and exits 75; systemd starts it again: the guard, the new release
+wait_until 60 restarted "$pid" || { finish "no restart after the switch"; exit 1; }
+show switched
+# on trial until a signed health report is acknowledged, then committed
+wait_until 120 committed || { finish "not committed"; exit 1; }
+setpriv --reuid=citygate --regid=citygate --init-groups \
+    citygate ota status --json > "$out/status.json" 2>&1
+show committed
+systemctl stop "$unit"
+show stopped
+finish done
+"""
+
+
+@needs_namespaces
+@needs_nspawn
+def test_under_systemd_an_update_installs_in_the_sandbox_restarts_on_trial_and_commits(
+    package: Package, update_repo: Path, lab: LabFiles, broker: LabBroker, tmp_path: Path
+) -> None:
+    """ADR 0004 "OTA" and ADR 0007: the unit as shipped lets the agent's code install and
+    switch a release, restarts the agent after exit 75 without calling it a failure, runs
+    the committed release's guard first, and the new release commits itself."""
+    new = f"{package.version}{OTA_BUMP}"
+    runner = tmp_path / "runner"
+    runner.mkdir()
+    (runner / "run.sh").write_text(_OTA_RUNNER)
+    (runner / "new-version").write_text(new + "\n")
+    for name, text in _RUNNER_UNITS.items():
+        (runner / name).write_text(text)
+    (runner / "test.conf").write_text(_TEST_DROP_IN)
+    (runner / "gateway.toml").write_text(
+        _gateway_config("/dev/null", broker.port).split("[sensors.air_1]")[0] + _OTA_CONFIG
+    )
+    body = (
+        _identity_env(lab)
+        + r"""
+runner=$1 repo=$2
+dpkg --root="$R" -i "$3" > "$out/dpkg.log" 2>&1
+"""
+        + _PROVISION
+        + r"""
+cp "$runner/gateway.toml" "$R/etc/citygate/gateway.toml"
+install -m 0644 "$repo/metadata/1.root.json" "$R/etc/citygate/update-root.json"
+mkdir -p "$R/etc/systemd/system/citygate.service.d" "$R/citygate-test" "$R/updates"
+cp "$runner/test.conf" "$R/etc/systemd/system/citygate.service.d/test.conf"
+cp "$runner/citygate-test.service" "$runner/citygate-test.target" "$R/etc/systemd/system/"
+cp "$runner/run.sh" "$runner/new-version" "$R/citygate-test/"
+rm -f "$R/usr/sbin/policy-rc.d"
+umount -R "$R/dev" "$R/proc"
+exec systemd-nspawn --quiet --register=no --keep-unit --directory="$R" \
+    --bind="$out:/out" --bind-ro="$repo:/updates" \
+    --boot systemd.unit=citygate-test.target
+"""
+    )
+    base, out = tmp_path / "overlay", tmp_path / "out"
+    base.mkdir()
+    out.mkdir()
+    verified = new_capture(lab, ["gw-a"])
+
+    async def scenario() -> int:
+        stop = asyncio.Event()
+        subscribed = asyncio.Event()
+        watcher = asyncio.create_task(capture(lab, broker, verified, stop, subscribed))
+        await subscribed.wait()
+        with (tmp_path / "nspawn.log").open("wb") as console:
+            container = await asyncio.create_subprocess_exec(
+                "unshare", "--mount", "sh", "-c", _SETUP + body, "sh", str(base), str(out),
+                str(runner), str(update_repo), str(package.path),
+                stdout=console, stderr=console,
+            )  # fmt: skip
+        try:
+            async with asyncio.timeout(300):
+                return await container.wait()
+        finally:
+            if container.returncode is None:
+                container.terminate()
+                try:
+                    async with asyncio.timeout(30):
+                        await container.wait()
+                except TimeoutError:
+                    container.kill()
+                    await container.wait()
+            stop.set()
+            await watcher
+
+    code = asyncio.run(scenario())
+    context = (
+        _read(out, "runner.log")
+        + _read(out, "apply.log")
+        + (tmp_path / "nspawn.log").read_text(errors="replace")
+    )
+    assert _read(out, "runner.done") == "done\n", context
+    assert code == 0, context
+
+    # installed, self-tested and switched by `citygate ota apply` under the unit's sandbox
+    assert _read(out, "apply.rc").strip() == "0", context
+    assert f"switched: switched to {new}" in _read(out, "apply.log"), context
+    # exit 75: restarted, and not a failure
+    started, switched = _show(out, "started"), _show(out, "switched")
+    assert switched["NRestarts"] == "1"
+    assert switched["MainPID"] != started["MainPID"]
+    assert (switched["ActiveState"], switched["Result"]) == ("active", "success")
+    journal = [json.loads(line) for line in _read(out, "journal.json").splitlines()]
+    by_systemd = [str(e["MESSAGE"]) for e in journal if e.get("SYSLOG_IDENTIFIER") == "systemd"]
+    assert not [m for m in by_systemd if "Failed with result" in m], by_systemd
+    # the committed release's guard ran before each start and counted the trial's start
+    agent = [str(e["MESSAGE"]) for e in journal if e.get("SYSLOG_IDENTIFIER") == "citygate"]
+    guard = [m for m in agent if m.startswith("citygate ota guard: ")]
+    assert guard == [
+        "citygate ota guard: not in trial (idle)",
+        f"citygate ota guard: trial of {new}: start 1 of 3",
+    ], agent
+    starts = [m.split()[2] for m in agent if m.startswith("agent.service: citygate ")]
+    assert starts == [package.version, new]
+    # the new release committed itself after a signed health report was acknowledged
+    status = json.loads(_read(out, "status.json"))
+    assert (status["state"], status["current"], status["committed"]) == ("idle", new, new)
+    assert status["releases"] == [package.version, new]
+    assert _show(out, "stopped")["Result"] == "success"
+    assert verified.failures == []
 
 
 # -- lintian ------------------------------------------------------------------------

@@ -34,14 +34,23 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from tuf.api.metadata import Metadata, Root
 
 from agent.config import ConfigError, load_config
 from drivers import family_names
+from images.repo import Repository
 from provisioning import firstboot_files
 from provisioning.firstboot import literal, quoted, render_seed, wpa_psk
 from provisioning.pki import LabFiles
 from provisioning.seed import register_seed
-from provisioning.site import Cellular, Site, Wifi, hostname_for, read_site
+from provisioning.site import (
+    UPDATE_ROOT_PATH,
+    Cellular,
+    Site,
+    Wifi,
+    hostname_for,
+    read_site,
+)
 from provisioning.tomlwrite import TomlLines
 from tests.agentrig import citygate
 
@@ -280,7 +289,7 @@ BAD_SITES = {
             "ntp_servers",
             "{site}:8: network.cellular: give [network.wifi] or [network.cellular], not both",
             "{site}:17: extra: unknown table; expected one of: gateway, network, broker, "
-            "enrollment, sensors",
+            "enrollment, ota, sensors",
         ],
     ),
     "sensor_problems_point_at_the_site_file": (
@@ -353,6 +362,100 @@ def test_a_missing_site_file_is_one_line(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as raised:
         read_site(tmp_path / "nope.toml")
     assert str(raised.value) == f"{tmp_path / 'nope.toml'}:0: file: no such file"
+
+
+# -- the update repository and its trusted root ----------------------------------------------
+
+OTA_TABLE = """
+[ota]
+repo = "https://updates.example.city/citygate"
+trusted_root = "update/metadata/1.root.json"
+channel = "beta"
+hardware = "rpi4"
+"""
+
+
+@pytest.fixture
+def update_repo(site_dir: Path) -> Path:
+    """A real TUF repository (images.repo) in the site directory, as operations would give it."""
+    Repository.create(site_dir / "update")
+    return site_dir / "update"
+
+
+def test_a_site_with_an_update_repository_ships_its_root_and_names_it_in_the_config(
+    site_dir: Path, update_repo: Path, tmp_path: Path
+) -> None:
+    site = read_site(_site(site_dir, BASE + OTA_TABLE))
+    shipped = (update_repo / "metadata/1.root.json").read_text()
+    assert site.update_root_json == shipped.rstrip("\n") + "\n"
+    config_path = tmp_path / "gateway.toml"
+    config_path.write_text(site.gateway_toml)
+    ota = load_config(config_path).ota
+    assert ota.repo == "https://updates.example.city/citygate"
+    assert ota.trusted_root == UPDATE_ROOT_PATH == Path("/etc/citygate/update-root.json")
+    assert (ota.channel, ota.hardware) == ("beta", "rpi4")
+    # what the gateway's TUF client bootstraps from: the shipped text loads as trusted root
+    assert Metadata[Root].from_bytes(site.update_root_json.encode()).signed.version == 1
+
+
+def test_a_site_without_an_update_repository_ships_no_root(wifi_site: Site) -> None:
+    assert wifi_site.update_root_json is None
+    assert "[ota]" not in wifi_site.gateway_toml
+
+
+@needs_cloud_init
+def test_user_data_stages_the_update_root_public_for_the_first_boot_script(
+    site_dir: Path, update_repo: Path
+) -> None:
+    site = read_site(_site(site_dir, BASE + OTA_TABLE))
+    user_data = _yaml(render_seed(site).user_data)
+    files = {entry["path"]: entry for entry in user_data["write_files"]}
+    staged = files[f"{firstboot_files.STAGE_DIR}/update-root.json"]
+    assert (staged["permissions"], staged["content"]) == ("0644", site.update_root_json)
+    script = firstboot_files.script()
+    assert f"UPDATE_ROOT={UPDATE_ROOT_PATH}\n" in script
+    assert 'install -o root -g root -m 0644 "$STAGE/update-root.json"' in script
+
+
+def _tampered_root(repo: Path) -> str:
+    """1.root.json with a changed expiry: no longer the text its root keys signed."""
+    document = json.loads((repo / "metadata/1.root.json").read_text())
+    document["signed"]["expires"] = "2099-01-01T00:00:00Z"
+    (repo / "tampered.root.json").write_text(json.dumps(document))
+    return "update/tampered.root.json"
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("no_root", "{site}:16: ota.repo: needs trusted_root: the repository's TUF root metadata "
+         "(metadata/1.root.json from `python -m images.repo init`), which the gateway starts "
+         "trusting from"),
+        ("targets", "{site}:17: ota.trusted_root: {dir}/update/metadata/1.targets.json is targets "
+         "metadata; give the repository's root metadata (metadata/N.root.json)"),
+        ("tampered", "{site}:17: ota.trusted_root: {dir}/update/tampered.root.json is not signed "
+         "by a threshold of its own root keys: root was signed by 0/2 keys"),
+        ("pem", "{site}:17: ota.trusted_root: {dir}/ca.crt is not TUF metadata ("),
+        ("http", "{site}:16: ota.repo: expected an https:// URL or an absolute directory, got "
+         "'http://updates.example.city/citygate'"),
+    ],
+)  # fmt: skip
+def test_a_bad_update_repository_or_root_names_the_site_line(
+    case: str, expected: str, site_dir: Path, update_repo: Path
+) -> None:
+    root = "update/metadata/1.root.json"
+    table = {
+        "no_root": OTA_TABLE.replace(f'trusted_root = "{root}"\n', ""),
+        "targets": OTA_TABLE.replace(root, "update/metadata/1.targets.json"),
+        "tampered": OTA_TABLE.replace(root, _tampered_root(update_repo)),
+        "pem": OTA_TABLE.replace(root, "ca.crt"),
+        "http": OTA_TABLE.replace("https://", "http://"),
+    }[case]
+    path = _site(site_dir, BASE + table)
+    with pytest.raises(ConfigError) as raised:
+        read_site(path)
+    (line,) = str(raised.value).splitlines()
+    assert line.startswith(expected.format(site=path, dir=site_dir)), line
 
 
 # -- what the seed holds ------------------------------------------------------------------
@@ -790,7 +893,9 @@ systemctl is-active citygate.service > "$out/agent-active"
 systemctl is-enabled citygate.service > "$out/agent-enabled"
 systemctl is-enabled citygate-firstboot.service > "$out/firstboot-enabled"
 stat -c '%n %U:%G %a' /etc/citygate/gateway.toml /etc/citygate/identity/ca.crt \
-    /etc/citygate/identity/gateway.key /var/lib/citygate-firstboot > "$out/modes"
+    /etc/citygate/identity/gateway.key /etc/citygate/update-root.json \
+    /var/lib/citygate-firstboot > "$out/modes"
+cp /etc/citygate/update-root.json "$out/update-root.json"
 ls -A /var/lib/citygate-firstboot > "$out/stage-left"
 cp /etc/citygate/gateway.toml "$out/gateway.toml"
 cp /etc/citygate/identity/ca.crt "$out/ca.crt"
@@ -885,13 +990,11 @@ def _stub_package(tmp_path: Path) -> Path:
 @needs_boot
 @pytest.mark.timeout(400)
 def test_first_boot_installs_configures_enrolls_and_survives_a_power_cut(
-    site_dir: Path, tmp_path: Path
+    site_dir: Path, update_repo: Path, tmp_path: Path
 ) -> None:
-    site = read_site(
-        _site(
-            site_dir, WIFI_SITE.replace('ntp_servers = ["ntp1.example.city", "192.0.2.123"]\n', "")
-        )
-    )
+    no_ntp = WIFI_SITE.replace('ntp_servers = ["ntp1.example.city", "192.0.2.123"]\n', "")
+    site = read_site(_site(site_dir, no_ntp + OTA_TABLE))
+    assert site.update_root_json is not None
     seed_dir = tmp_path / "seed"
     seed_dir.mkdir()
     for name, (text, _) in render_seed(site).files().items():
@@ -948,8 +1051,10 @@ def test_first_boot_installs_configures_enrolls_and_survives_a_power_cut(
         "/etc/citygate/gateway.toml root:citygate 640",
         "/etc/citygate/identity/ca.crt citygate:citygate 644",
         "/etc/citygate/identity/gateway.key citygate:citygate 600",
+        "/etc/citygate/update-root.json root:root 644",
         "/var/lib/citygate-firstboot root:root 700",
     ]
+    assert read("update-root.json") == site.update_root_json
     assert sorted(read("stage-left").split()) == ["done", "gateway-id", "lock"]  # secrets gone
     assert read("agent-active").strip() == "active"
     assert read("agent-enabled").strip() == "enabled"

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.config import OtaConfig
+from agent.ota.task import EXIT_RESTART
 from drivers.pms5003.emulator import Pms5003Emulator
 from provisioning.broker import LabBroker
 from provisioning.pki import LabFiles
@@ -75,6 +77,54 @@ def test_the_unit_is_a_notify_service_with_watchdog_restart_and_start_limit() ->
     )
 
 
+def test_the_committed_release_guards_every_start_and_a_broken_guard_never_blocks_it() -> None:
+    unit = _directives(UNIT.read_text())
+    guard = _one(unit, "ExecStartPre")
+    assert guard.startswith("-"), "a failing guard must not keep the agent from starting"
+    program, *args = guard.removeprefix("-").split()
+    assert Path(program) == OtaConfig().root / "committed" / "bin" / "citygate"
+    assert args[:2] == ["ota", "guard"]
+    run_config = _one(unit, "ExecStart").split("--config", 1)[1].split()[0]
+    assert args[2:] == ["--config", run_config]
+
+
+def test_exit_status_75_restarts_the_agent_and_is_not_a_failure() -> None:
+    unit = _directives(UNIT.read_text())
+    assert _one(unit, "RestartForceExitStatus") == str(EXIT_RESTART) == "75"
+    assert _one(unit, "SuccessExitStatus") == str(EXIT_RESTART)
+
+
+def _seconds(value: str) -> float:
+    units = {"s": 1, "min": 60, "h": 3600}
+    match = re.fullmatch(r"(\d+)(s|min|h)", value)
+    assert match, value
+    return int(match[1]) * units[match[2]]
+
+
+def test_the_start_limit_lets_a_failed_trial_roll_back_and_still_stops_a_crash_loop() -> None:
+    """Every start counts, the restarts after exit 75 too.
+
+    A failed trial costs max_trial_starts + 1 starts (the restart into the new
+    release, its crashes, the guard's rollback); the start that ran the update
+    and one more (a certificate renewal, an earlier crash) must fit as well, or
+    systemd gives up before the guard can switch back. A crash loop of a
+    committed release must still reach the limit within the interval.
+    """
+    unit = _directives(UNIT.read_text())
+    burst = int(_one(unit, "StartLimitBurst"))
+    assert burst >= OtaConfig().max_trial_starts + 1 + 2
+    interval = _seconds(_one(unit, "StartLimitIntervalSec"))
+    assert burst * _seconds(_one(unit, "RestartSec")) < interval
+
+
+def test_the_release_root_is_the_only_writable_path_beside_state_and_identity() -> None:
+    unit = _directives(UNIT.read_text())
+    assert _one(unit, "ProtectSystem") == "strict"
+    assert sorted(unit["ReadWritePaths"]) == sorted(
+        [str(OtaConfig().root), "/etc/citygate/identity"]
+    )
+
+
 def test_the_unit_runs_as_the_unprivileged_service_user_with_state_and_journal() -> None:
     unit = _directives(UNIT.read_text())
     assert _one(unit, "User") == "citygate"
@@ -128,10 +178,11 @@ def _verify(root: Path, unit_text: str) -> subprocess.CompletedProcess[str]:
     system = root / "lib" / "systemd" / "system"
     shutil.copytree("/lib/systemd/system", system, symlinks=True)
     (system / "citygate.service").write_text(unit_text)
-    agent = root / "opt" / "citygate" / "current" / "bin" / "citygate"
-    agent.parent.mkdir(parents=True)
-    agent.write_text("#!/bin/sh\n")
-    agent.chmod(0o755)
+    for link in ("current", "committed"):
+        agent = root / "opt" / "citygate" / link / "bin" / "citygate"
+        agent.parent.mkdir(parents=True)
+        agent.write_text("#!/bin/sh\n")
+        agent.chmod(0o755)
     return subprocess.run(
         ["systemd-analyze", "verify", f"--root={root}", "--man=no", "citygate.service"],
         capture_output=True, text=True, check=False, timeout=60,

@@ -277,7 +277,11 @@ class Releases:
         with self._locked(time.monotonic() + 10.0):
             for version in self.installed():
                 if version not in keep:
-                    _discard(self.releases / version)
+                    try:
+                        _discard(self.releases / version)
+                    except OSError as exc:  # e.g. the Debian package's root-owned release
+                        log.warning("cannot remove release %s: %s", version, exc)
+                        continue
                     removed.append(version)
             for entry in self.releases.iterdir():
                 if entry.name.startswith("."):
