@@ -31,6 +31,7 @@ class Recorder:
         self.target = target
         self.rows: list[dict[str, Any]] = []
         self.reported: set[int] = set()
+        self.resume_switches_to: str | None = None
 
     def _note(self, name: str, *args: Any) -> None:
         self.calls.append((name, args))
@@ -40,6 +41,9 @@ class Recorder:
 
     def resume(self) -> None:
         self._note("resume")
+        if self.resume_switches_to is not None:  # a flow killed just after its switch
+            self.state, self.target = "trial", self.resume_switches_to
+            self.deadline = 10_000.0
 
     def trial_begin(self, own_version: str) -> float | None:
         self._note("trial_begin", own_version)
@@ -131,7 +135,7 @@ def test_an_offer_starts_a_check_and_nothing_else_does() -> None:
         task = _task(manager, events, acked)
         runner = asyncio.create_task(task.run())
         await asyncio.sleep(0.2)
-        assert manager.names() == ["trial_begin", "resume"]
+        assert manager.names() == ["resume", "trial_begin"]
         task.offer("2.0")
         await asyncio.sleep(0.2)
         runner.cancel()
@@ -139,7 +143,7 @@ def test_an_offer_starts_a_check_and_nothing_else_does() -> None:
             await runner
 
     asyncio.run(scenario())
-    assert manager.names() == ["trial_begin", "resume", "apply"]
+    assert manager.names() == ["resume", "trial_begin", "apply"]
     assert manager.calls[-1] == ("apply", ("/media/usb",))
 
 
@@ -198,7 +202,7 @@ def test_an_acknowledged_health_report_commits_the_release_on_trial() -> None:
         return task
 
     task = asyncio.run(scenario())
-    assert manager.names()[:2] == ["trial_begin", "trial_commit"]
+    assert manager.names()[:3] == ["resume", "trial_begin", "trial_commit"]
     assert not task.restart.is_set()
     assert task.state == "idle"
 
@@ -213,7 +217,7 @@ def test_no_acknowledgement_by_the_deadline_rolls_back_and_restarts() -> None:
         return task
 
     task = asyncio.run(scenario())
-    assert manager.names() == ["trial_begin", "trial_fail"]
+    assert manager.names() == ["resume", "trial_begin", "trial_fail"]
     assert "deadline" in manager.calls[-1][1][1]
     assert task.restart.is_set()
 
@@ -275,3 +279,27 @@ def test_history_rows_are_reported_once_and_marked_only_when_sent() -> None:
     ]
     assert events.queued[0][2] == {"detail": "ok"}
     assert manager.reported == {1, 2}
+
+
+def test_a_flow_resumed_into_a_switch_to_this_release_starts_its_trial() -> None:
+    """Killed between the switch and its record: the new release finishes the switch on
+    start (resume) and must then be on trial, not idle for ever."""
+    manager, events = Recorder(), Events()
+    manager.resume_switches_to = "1.0"
+
+    async def scenario() -> OtaTask:
+        acked = asyncio.Event()
+        task = _task(manager, events, acked, clock=lambda: 9_000.0)
+        runner = asyncio.create_task(task.run())
+        await asyncio.sleep(0.1)
+        assert task.state == "trial"
+        acked.set()
+        await asyncio.sleep(0.1)
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        return task
+
+    task = asyncio.run(scenario())
+    assert manager.names()[:3] == ["resume", "trial_begin", "trial_commit"]
+    assert not task.restart.is_set()

@@ -86,12 +86,16 @@ class OtaTask:
         self._offered.set()
 
     async def run(self) -> None:
+        # first finish a flow a power cut interrupted: it may end in a switch to this
+        # very release (killed between the switch and its record), which starts a trial
+        await self._call(self._manager.resume)
+        if self.restart.is_set():
+            return
         deadline = await asyncio.to_thread(self._manager.trial_begin, self._own)
         if deadline is not None:
             self.state = "trial"
             if await self._trial(deadline):
                 return
-        await self._call(self._manager.resume)
         next_check = self._clock() + self._interval_s if self._interval_s else None
         while not self.restart.is_set():
             self._report()
