@@ -7,6 +7,7 @@ test that leaves something behind fails, whatever it asserted.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import signal
 import threading
@@ -76,5 +77,51 @@ def broker(lab: LabFiles, tmp_path: Path) -> Iterator[LabBroker]:
         ca_cert=lab.ca_cert,
         server_cert=lab.server_cert,
         server_key=lab.server_key,
+    ) as running:
+        yield running
+
+
+# -- updates (tests/test_ota_e2e.py, tests/test_ota_power.py; helpers in tests/ota_gateway.py) --
+
+
+@pytest.fixture(scope="session")
+def ota_bundles(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, Path]:
+    """Real bundles of this checkout at versions OLD and NEW (every wheel), built with
+    `python -m images.bundle`; dependency wheels are kept in pytest's cache, and a lock
+    keeps two workers from building into it at once."""
+    from tests.ota_gateway import NEW, OLD, run_python
+
+    out = tmp_path_factory.mktemp("bundles")
+    assert request.config.cache is not None
+    cache = request.config.cache.mkdir("citygate-bundle-e2e")
+    built = {}
+    with (cache / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for version in (OLD, NEW):
+            path = out / f"citygate-{version}.bundle"
+            run_python("-m", "images.bundle", "build", "--version", version, "--out", path,
+                   "--cache", cache)  # fmt: skip
+            built[version] = path
+    return built
+
+
+@pytest.fixture(scope="session")
+def ota_lab(tmp_path_factory: pytest.TempPathFactory) -> LabFiles:
+    """A lab PKI with an operator, the client allowed to send `ota/offer`."""
+    return make_lab_pki(
+        tmp_path_factory.mktemp("ota-pki"), clients=["gw-a", "verifier", "operator"]
+    )
+
+
+@pytest.fixture
+def ota_broker(ota_lab: LabFiles, tmp_path: Path) -> Iterator[LabBroker]:
+    with LabBroker(
+        tmp_path / "broker",
+        ca_cert=ota_lab.ca_cert,
+        server_cert=ota_lab.server_cert,
+        server_key=ota_lab.server_key,
+        operators=["operator"],
     ) as running:
         yield running

@@ -22,7 +22,7 @@ import json
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,8 @@ class Supervisor:
     log: Path
     env: Mapping[str, str] = field(default_factory=dict)
     summary: Path | None = None  # the agent's last-run.json, read after every exit
+    first_env: Mapping[str, str] = field(default_factory=dict)  # for the first agent run only
+    on_exit: Callable[[Start], None] | None = None  # right after an agent run ended
     starts: list[Start] = field(default_factory=list)
     gave_up: bool = False
     _proc: asyncio.subprocess.Process | None = None
@@ -97,13 +99,15 @@ class Supervisor:
             return None
         return loaded
 
-    async def _run(self, *args: str | Path) -> asyncio.subprocess.Process:
+    async def _run(
+        self, *args: str | Path, extra: Mapping[str, str] | None = None
+    ) -> asyncio.subprocess.Process:
         with self.log.open("ab") as out:
             return await asyncio.create_subprocess_exec(
                 *(str(a) for a in args),
                 stdout=out,
                 stderr=out,
-                env={**os.environ, **self.env},
+                env={**os.environ, **self.env, **(extra or {})},
                 start_new_session=True,
             )
 
@@ -119,11 +123,17 @@ class Supervisor:
             start = Start(Path(release).name, time.time(), time.monotonic(), guard_exit)
             self.starts.append(start)
             self._proc = await self._run(
-                self.root / "current" / "bin" / "citygate", "run", "--config", self.config
+                self.root / "current" / "bin" / "citygate",
+                "run",
+                "--config",
+                self.config,
+                extra=self.first_env if len(self.starts) == 1 else None,
             )
             start.exit_code = await self._proc.wait()
             start.ended = time.time()
             start.summary = self._summary(start.started)
+            if self.on_exit is not None:
+                self.on_exit(start)
             if self._stopping or start.exit_code == 0:
                 return
             failures = 0 if start.exit_code == 75 else failures + 1
