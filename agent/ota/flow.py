@@ -21,7 +21,9 @@ again automatically (`apply(force=True)` may). Every step taken is a history row
 rolled_back, failed, rejected), published by the agent as the event `ota_<step>`.
 The agent, the CLI and the guard share these files and their locks (agent.ota.store);
 a whole run holds the flow lock, so a second trigger waits (bounded) and then sees
-the first one's result.
+the first one's result. The steps' work on disk (repository, download, install, clean
+up) is agent.ota.workdir; what a run reads and answers (OtaSettings, Outcome) is
+agent.ota.terms, re-exported here with clock_trusted_for.
 
 Trusts: TUF (agent.ota.trust) for what to install; agent.ota.bundle for the bundle's
 members; the release's own `citygate selftest` for whether it runs; its own state
@@ -40,18 +42,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 from agent import version as agent_version
-from agent.clock import WallClock, trust_floor
-from agent.ota.bundle import BundleError, Manifest, platform_tag, python_tag, unpack
-from agent.ota.fetch import DownloadLimits, FetchError, fetcher_for
+from agent.ota import workdir
+from agent.ota.bundle import BundleError, platform_tag, python_tag
+from agent.ota.fetch import FetchError
 from agent.ota.release import ReleaseError, Releases
 from agent.ota.store import (
     CHECKING,
@@ -64,6 +64,19 @@ from agent.ota.store import (
     OtaError,
     StateStore,
 )
+from agent.ota.terms import (
+    FAILED,
+    IN_TRIAL,
+    REJECTED,
+    RETRY,
+    SELFTEST_FAILED,
+    SWITCHED,
+    UP_TO_DATE,
+    WAITING_CLOCK,
+    OtaSettings,
+    Outcome,
+    clock_trusted_for,
+)
 from agent.ota.trial import Trial
 from agent.ota.trust import Candidate, TrustError, UpdateRepository
 
@@ -71,6 +84,8 @@ if TYPE_CHECKING:
     from agent.config import Config
 
 __all__ = [
+    "ATTEMPTS_MAX",
+    "KILL_ENV",
     "WAIT_S",
     "OtaError",
     "OtaManager",
@@ -87,57 +102,6 @@ ATTEMPTS_MAX: Final = 3
 #: how long a trigger waits for another run by default before reporting "busy"
 WAIT_S: Final = 3600.0
 KILL_ENV: Final = "CITYGATE_OTA_KILL_AT"
-
-# what `Outcome.result` says
-UP_TO_DATE: Final = "up_to_date"
-SWITCHED: Final = "switched"
-IN_TRIAL: Final = "in_trial"
-WAITING_CLOCK: Final = "waiting_clock"
-FAILED: Final = "failed"
-RETRY: Final = "retry"
-REJECTED: Final = "rejected"
-SELFTEST_FAILED: Final = "selftest_failed"
-_OK_RESULTS: Final = frozenset({UP_TO_DATE, SWITCHED, IN_TRIAL})
-
-
-class OtaSettings(Protocol):
-    """What the flow reads from the `[ota]` config table (agent.config.OtaConfig)."""
-
-    @property
-    def repo(self) -> str: ...
-    @property
-    def root(self) -> Path: ...
-    @property
-    def trusted_root(self) -> Path: ...
-    @property
-    def channel(self) -> str: ...
-    @property
-    def hardware(self) -> str: ...
-    @property
-    def trial_deadline_s(self) -> float: ...
-    @property
-    def max_trial_starts(self) -> int: ...
-    @property
-    def max_bundle_bytes(self) -> int: ...
-    @property
-    def download_timeout_s(self) -> float: ...
-    @property
-    def ca(self) -> Path | None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What one run did: `result` is one of the module's result names; `restart` asks the
-    running agent to exit 75 so systemd starts the release `current` now points at."""
-
-    result: str
-    version: str | None
-    detail: str
-    restart: bool = False
-
-    @property
-    def ok(self) -> bool:
-        return self.result in _OK_RESULTS
 
 
 def _fault(point: str) -> None:
@@ -255,7 +219,13 @@ class OtaManager:
             return self._give_up(flow.get("target"), str(flow.get("error") or "interrupted"))
         self._persist(CHECKING, repo=repo, attempt=attempt, force=force, error=None)
         try:
-            trust = self._trust(repo)
+            trust = workdir.open_repository(
+                self.dir,
+                self.settings,
+                repo,
+                client_cert=self._client_cert,
+                client_key=self._client_key,
+            )
             trust.refresh()
             installed = self._installed()
             with self.store.tx() as tx:
@@ -277,7 +247,7 @@ class OtaManager:
         if cand is None:
             with self.store.tx() as tx:
                 tx.idle()
-            self._cleanup()
+            workdir.cleanup(self.dir)
             detail = "; ".join(why) if why else "no newer release"
             return Outcome(UP_TO_DATE, installed, f"{installed} is up to date ({detail})")
         if cand.version != flow.get("target"):
@@ -301,7 +271,9 @@ class OtaManager:
             tx.add("offered", version, "ok", f"from {installed}, attempt {attempt}")
         _fault(DOWNLOADING)
         try:
-            bundle = self._download(trust, cand)
+            bundle = workdir.download(
+                self.dir, trust, cand, timeout_s=self.settings.download_timeout_s
+            )
         except TrustError as exc:
             if exc.retryable:
                 return self._retry(str(exc))
@@ -318,7 +290,7 @@ class OtaManager:
     def _install_and_test(self, bundle: Path, cand: Candidate) -> Outcome:
         version = cand.version
         try:
-            self._install(bundle, version)
+            workdir.install(self.dir, self.releases, bundle, version)
         except BundleError as exc:
             return self._reject(version, f"bundle {cand.name}: {exc}", refuse=True)
         except (ReleaseError, OSError) as exc:
@@ -334,7 +306,7 @@ class OtaManager:
                 tx.idle()
                 tx.refuse(version, "self-test failed")
                 tx.add("selftest_failed", version, "failed", output)
-            self._cleanup()
+            workdir.cleanup(self.dir)
             return Outcome(SELFTEST_FAILED, version, f"{version} failed its self-test: {output}")
         _fault(SELFTEST + "/done")
         self._persist(SWITCHING)
@@ -348,7 +320,7 @@ class OtaManager:
             # the release went missing (pruned, disk): install it again on the next run
             return self._retry(f"switching to {version}: {exc}", step=INSTALLING)
         _fault(SWITCHING + "/done")
-        self._cleanup()  # before the trial is recorded: a resumed switch cleans up too
+        workdir.cleanup(self.dir)  # before the trial is recorded: a resumed switch cleans up too
         with self.store.tx() as tx:
             frm = tx.flow.get("from_version")
             tx.set_flow(state=TRIAL, trial_starts=0, trial_deadline=None, error=None)
@@ -378,7 +350,7 @@ class OtaManager:
         with self.store.tx() as tx:
             tx.idle()
             tx.add("failed", target, "failed", f"gave up after {ATTEMPTS_MAX} attempts: {error}")
-        self._cleanup()
+        workdir.cleanup(self.dir)
         return Outcome(FAILED, target, f"gave up after {ATTEMPTS_MAX} attempts: {error}")
 
     def _reject(self, version: str | None, why: str, *, refuse: bool) -> Outcome:
@@ -388,51 +360,9 @@ class OtaManager:
             if refuse and version is not None:
                 tx.refuse(version, why)
             tx.add("rejected", version, "rejected", why)
-        self._cleanup()
+        workdir.cleanup(self.dir)
         log.error("OTA update rejected: %s", why)
         return Outcome(REJECTED, version, why)
-
-    def _trust(self, repo: str) -> UpdateRepository:
-        fetcher, metadata_url, targets_url = fetcher_for(
-            repo,
-            ca_file=self.settings.ca,
-            client_cert=self._client_cert,
-            client_key=self._client_key,
-        )
-        metadata = self.dir / "metadata"
-        metadata.mkdir(parents=True, exist_ok=True)
-        return UpdateRepository(
-            metadata, self.settings.trusted_root, fetcher, metadata_url, targets_url
-        )
-
-    def _download(self, trust: UpdateRepository, cand: Candidate) -> Path:
-        downloads = self.dir / "downloads"
-        downloads.mkdir(parents=True, exist_ok=True)
-        digest = cand.target.hashes.get("sha256", "nohash")
-        dest = downloads / f"{digest}.{Path(cand.name).name}"
-        if dest.exists():  # only ever renamed there after its hashes were verified
-            return dest
-        limits = DownloadLimits(timeout_s=self.settings.download_timeout_s)
-        return trust.download(cand, downloads, dest, limits)
-
-    def _install(self, bundle: Path, version: str) -> Manifest:
-        unpack_root = self.dir / "unpack"
-        shutil.rmtree(unpack_root, ignore_errors=True)  # leftovers of an interrupted run
-        unpack_root.mkdir(parents=True)
-        unpacked = unpack_root / version
-        manifest = unpack(bundle, unpacked)
-        if manifest.name != "citygate" or manifest.version != version:
-            raise BundleError(
-                f"manifest says {manifest.name} {manifest.version}; the signed target is "
-                f"citygate {version}"
-            )
-        self.releases.install(unpacked, manifest)
-        shutil.rmtree(unpack_root, ignore_errors=True)
-        return manifest
-
-    def _cleanup(self) -> None:
-        for name in ("downloads", "unpack"):
-            shutil.rmtree(self.dir / name, ignore_errors=True)
 
     # -- the trial (agent.ota.trial) ---------------------------------------------------
 
@@ -453,19 +383,6 @@ class OtaManager:
     def trial_fail(self, own_version: str, reason: str) -> None:
         """The release in trial did not prove itself: switch back to the committed one."""
         self._trial.fail(own_version, reason)
-
-
-def clock_trusted_for(config: Config) -> Callable[[], bool]:
-    """agent.clock's rule for this gateway: the floor is the build date, or the start of
-    the gateway certificate's validity when the certificate can be read."""
-    from cryptography import x509
-
-    try:
-        cert = x509.load_pem_x509_certificate(config.identity.cert.read_bytes())
-        floor = trust_floor(cert.not_valid_before_utc)
-    except (OSError, ValueError):
-        floor = trust_floor()
-    return WallClock(floor).trusted
 
 
 def manager_for(config: Config, *, root: Path | None = None) -> OtaManager:
