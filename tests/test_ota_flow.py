@@ -334,6 +334,26 @@ def test_sigkill_at_every_step_leaves_a_working_release_and_the_rerun_completes(
     assert not (gw.state / "ota/downloads").exists()
 
 
+def test_a_switch_interrupted_by_a_newer_package_release_is_not_resumed(
+    gw: Gateway, repos: Repos
+) -> None:
+    """Killed before its switch, then the Debian package installs 9.0 (postinst makes it
+    current and committed): the resumed flow must not switch the gateway down to 2.0."""
+    assert gw.apply(repos.good, kill_at="switching").returncode == -signal.SIGKILL
+    assert gw.status()["state"] == "switching"
+    package = gw.root / "releases/9.0"
+    shutil.copytree(gw.root / "releases/1.0", package, symlinks=True)
+    (package / ".citygate-release.json").write_text(json.dumps({"version": "9.0"}))
+    for name in ("current", "committed"):
+        (gw.root / f"{name}.new").symlink_to("releases/9.0")
+        os.replace(gw.root / f"{name}.new", gw.root / name)
+    resumed = gw.apply(repos.good)
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.startswith("up_to_date: 9.0 was installed meanwhile")
+    assert (gw.link("current"), gw.status()["state"]) == ("releases/9.0", "idle")
+    assert gw.history()[-1]["outcome"] == "superseded"
+
+
 def test_a_step_that_keeps_dying_is_given_up_after_three_attempts(
     gw: Gateway, repos: Repos
 ) -> None:

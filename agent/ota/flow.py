@@ -48,6 +48,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
+from packaging.version import InvalidVersion, Version
+
 from agent import version as agent_version
 from agent.ota import workdir
 from agent.ota.bundle import BundleError, platform_tag, python_tag
@@ -198,7 +200,7 @@ class OtaManager:
                 "time(s)); it commits or rolls back on its own",
             )
         if step == SWITCHING:
-            return self._switch(flow["target"])
+            return self._finish_switch(flow["target"])
         repo = repo or flow.get("repo") or self.settings.repo
         if not repo:
             raise OtaError("no update repository: give --repo DIR|URL or set ota.repo")
@@ -311,6 +313,24 @@ class OtaManager:
         _fault(SELFTEST + "/done")
         self._persist(SWITCHING)
         return self._switch(version)
+
+    def _finish_switch(self, version: str) -> Outcome:
+        """Resume an interrupted switch, unless a newer release has become current since
+        (a Debian package upgrade in between, images/deb/postinst): never switch back down."""
+        current = self.releases.current()
+        try:
+            newer = current is not None and Version(current) > Version(version)
+        except InvalidVersion:
+            newer = False
+        if not newer:
+            return self._switch(version)
+        with self.store.tx() as tx:
+            tx.idle()
+            tx.add("failed", version, "superseded", f"{current} was installed meanwhile")
+        workdir.cleanup(self.dir)
+        return Outcome(
+            UP_TO_DATE, current, f"{current} was installed meanwhile: {version} is not switched to"
+        )
 
     def _switch(self, version: str) -> Outcome:
         try:
