@@ -55,6 +55,7 @@ bench: venv
 	$(BIN)/python bench/pipeline.py
 	$(BIN)/python bench/modbus_poll.py
 	$(BIN)/python -m bench.footprint
+	$(BIN)/python -m bench.ota
 
 # dist/citygate_<version>_<arch>.deb for this machine's architecture (docs/adr/0004-systemd-sandbox.md)
 DEB_PYTHON ?= /usr/bin/python3
