@@ -58,6 +58,7 @@ from cryptography.x509.oid import NameOID
 
 from agent.backoff import Backoff
 from agent.config import Config
+from agent.durable import fsync_directory, write_atomically
 from agent.identity import Identity, IdentityError, is_valid_gateway_id, load_identity
 from agent.keys import PrivateKey, PublicKey, spki_der
 from agent.mqtt import (
@@ -330,41 +331,13 @@ def staged_paths(key: Path, cert: Path) -> tuple[Path, Path]:
     return key.with_name(key.name + STAGED), cert.with_name(cert.name + STAGED)
 
 
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomically(path: Path, data: bytes, mode: int) -> None:
-    temporary = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-    try:
-        try:
-            os.fchmod(fd, mode)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
-        raise
-    _fsync_directory(path.parent)
-
-
 def _keep_old(path: Path) -> None:
     """Keep `path` as `<name>.old` (a hard link; the file stays under its own name)."""
     staged = path.parent / f".{path.name}{OLD}.{secrets.token_hex(8)}.tmp"
     try:
         os.link(path, staged)
     except PermissionError:  # fs.protected_hardlinks: e.g. a certificate root installed
-        _write_atomically(
+        write_atomically(
             path.with_name(path.name + OLD), path.read_bytes(), stat.S_IMODE(path.stat().st_mode)
         )
         return
@@ -375,7 +348,7 @@ def _keep_old(path: Path) -> None:
         # by an attempt a power cut interrupted): the staged name would stay behind
         with contextlib.suppress(FileNotFoundError):
             staged.unlink()
-    _fsync_directory(path.parent)
+    fsync_directory(path.parent)
 
 
 def _pair_matches(key_path: Path, cert_path: Path) -> bool:
@@ -430,14 +403,14 @@ def recover_identity(key: Path, cert: Path) -> str | None:
     _, cert_new = staged_paths(key, cert)
     if _pair_matches(key, cert_new):
         os.replace(cert_new, cert)
-        _fsync_directory(cert.parent)
+        fsync_directory(cert.parent)
         return f"finished an interrupted certificate swap: {cert} now holds the renewed certificate"
     old_key = key.with_name(key.name + OLD)
     if _pair_matches(old_key, cert):
         restored = key.parent / f".{key.name}.{secrets.token_hex(8)}.tmp"
         os.link(old_key, restored)
         os.replace(restored, key)
-        _fsync_directory(key.parent)
+        fsync_directory(key.parent)
         return f"undid an interrupted key swap: {key} holds the key of {cert} again"
     return None
 
@@ -464,7 +437,7 @@ def read_hold(state_dir: Path) -> Hold:
 def _write_hold(state_dir: Path, hold: Hold) -> None:
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(
+        write_atomically(
             state_dir / HOLD_FILE,
             _dump({"attempts": hold.attempts, "retry_at": hold.retry_at}),
             0o644,
@@ -640,7 +613,7 @@ class Rotation:
             serialization.NoEncryption(),
         )
         try:
-            _write_atomically(key_new, pem, 0o600)
+            write_atomically(key_new, pem, 0o600)
         except OSError as exc:
             raise RenewalError(
                 f"cannot write {key_new} ({exc.strerror}): the service must be able to write "
@@ -688,7 +661,7 @@ class Rotation:
     def _stage_certificate(self, certificate_pem: str) -> Identity:
         key_new, cert_new = self._staged_paths()
         try:
-            _write_atomically(cert_new, certificate_pem.encode("ascii", "replace"), 0o644)
+            write_atomically(cert_new, certificate_pem.encode("ascii", "replace"), 0o644)
         except OSError as exc:
             raise RenewalError(f"cannot write {cert_new} ({exc.strerror})") from None
         self._checkpoint("cert-staged")
@@ -720,7 +693,7 @@ def _seed_sequence(state_dir: Path, old_kid: bytes, new_kid: bytes) -> None:
     except SeqError as exc:
         log.warning("the new key's sequence numbers start from the spool's: %s", exc)
         return
-    _write_atomically(new_path, f"{bound}\n".encode("ascii"), 0o600)
+    write_atomically(new_path, f"{bound}\n".encode("ascii"), 0o600)
 
 
 def _swap(key: Path, cert: Path, checkpoint: Checkpoint) -> None:
@@ -729,10 +702,10 @@ def _swap(key: Path, cert: Path, checkpoint: Checkpoint) -> None:
     _keep_old(cert)
     checkpoint("old-kept")
     os.replace(key_new, key)  # from here to the next rename, recover_identity finishes the swap
-    _fsync_directory(key.parent)
+    fsync_directory(key.parent)
     checkpoint("key-swapped")
     os.replace(cert_new, cert)
-    _fsync_directory(cert.parent)
+    fsync_directory(cert.parent)
     checkpoint("cert-swapped")
 
 

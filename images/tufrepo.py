@@ -21,9 +21,7 @@ others) and the `BundleInfo` it is given; it signs whatever bundle it is told to
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -35,6 +33,8 @@ from packaging.version import InvalidVersion, Version
 from securesystemslib.signer._crypto_signer import CryptoSigner  # re-exported implicitly only
 from tuf.api._payload import MetaFile, Root, Snapshot, TargetFile, Targets, Timestamp
 from tuf.api.metadata import Metadata
+
+from agent.durable import write_atomically
 
 __all__ = [
     "EXPIRY_DAYS",
@@ -106,25 +106,9 @@ def target_path(version: str) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write a published file (0644) via a fsynced temp file and rename; fsync the directory."""
+    """Write a published file (0644: the web server reads it) whole, durably (agent.durable)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)  # published: the web server reads it
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomically(path, data, 0o644)
 
 
 class Repository:

@@ -479,7 +479,10 @@ def test_metadata_is_fsynced_before_it_is_trusted_on_disk(
     for name in ("timestamp.json", "snapshot.json", "targets.json", "root_history/1.root.json"):
         path = rig.cache / name
         assert path.exists()
-        assert any(Path(s).parent == path.parent and ".tmp-" in s for s in synced), name
+        temporary = f".{path.name}."  # agent.durable's temporary file beside the target
+        assert any(
+            Path(s).parent == path.parent and Path(s).name.startswith(temporary) for s in synced
+        ), name
     assert str(rig.cache) in synced  # the directory entry (rename) too
 
 

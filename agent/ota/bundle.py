@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
+from agent.durable import fsync_directory
 from agent.ota.manifest import (
     FORMAT,
     MANIFEST,
@@ -99,7 +100,7 @@ def unpack(bundle: Path, dest: Path, limits: Limits = _LIMITS) -> Manifest:
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
-    _fsync_dir(dest.parent)
+    fsync_directory(dest.parent)
     return manifest
 
 
@@ -255,8 +256,8 @@ def _extract(
             )
         if member.name == REQUIREMENTS:
             check_requirements((partial / REQUIREMENTS).read_bytes(), manifest)
-    _fsync_dir(partial / WHEELS)
-    _fsync_dir(partial)
+    fsync_directory(partial / WHEELS)
+    fsync_directory(partial)
 
 
 def _copy(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> str:
@@ -281,11 +282,3 @@ def _copy(tar: tarfile.TarFile, member: tarfile.TarInfo, target: Path) -> str:
         out.flush()
         os.fsync(out.fileno())
     return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -31,6 +31,7 @@ from tuf.api import exceptions as tuf_errors
 from tuf.ngclient.fetcher import FetcherInterface
 
 from agent.backoff import Backoff
+from agent.durable import fsync_directory
 
 __all__ = ["Body", "DownloadLimits", "FetchError", "Fetcher", "Retryable", "metadata_chunks"]
 
@@ -97,7 +98,7 @@ class Fetcher(FetcherInterface):
                 self._download_into(file, job)
                 file.flush()
                 os.fsync(file.fileno())
-            _fsync_directory(partial.parent)
+            fsync_directory(partial.parent)
         except _Discard:
             partial.unlink(missing_ok=True)
             raise
@@ -200,14 +201,6 @@ def _check_total(url: str, total: int | None, length: int) -> None:
 def _open_partial(partial: Path) -> BinaryIO:
     fd = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     return os.fdopen(fd, "r+b")
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def metadata_chunks(

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from packaging.version import InvalidVersion, Version
 
+from agent.durable import fsync_directory
 from agent.ota.bundle import Manifest
 from agent.ota.installer import (
     MARKER,
@@ -149,7 +150,7 @@ class Releases:
             except BaseException:
                 _remove(partial)
                 raise
-            _fsync_dir(self.releases)
+            fsync_directory(self.releases)
         log.info("installed release %s in %s", manifest.version, final)
         return final
 
@@ -233,7 +234,7 @@ class Releases:
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise
-        _fsync_dir(self.root)
+        fsync_directory(self.root)
 
     def prune(self, keep: set[str]) -> list[str]:
         """Remove releases not in `keep` (current and committed are always kept) and leftovers.
@@ -258,7 +259,7 @@ class Releases:
         for entry in self.root.glob(".*.tmp"):
             if entry.is_symlink():
                 entry.unlink(missing_ok=True)
-        _fsync_dir(self.releases)
+        fsync_directory(self.releases)
         return removed
 
 
@@ -266,7 +267,7 @@ def _discard(release: Path) -> None:
     """Remove a release: first renamed to a dot name (gone at once), then deleted."""
     leftover = release.with_name(f".{release.name}.{secrets.token_hex(4)}.removing")
     os.rename(release, leftover)
-    _fsync_dir(release.parent)
+    fsync_directory(release.parent)
     _remove(leftover)
 
 
@@ -276,11 +277,3 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
     elif path.is_dir():
         shutil.rmtree(path)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

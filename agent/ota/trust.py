@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -39,6 +38,7 @@ from tuf.ngclient.config import UpdaterConfig
 from tuf.ngclient.updater import Updater
 
 from agent.clock import BUILD_FLOOR
+from agent.durable import fsync_directory, write_atomically
 from agent.ota.choice import PRODUCT, Candidate, choose, parse_candidates
 from agent.ota.fetch import DownloadLimits, Fetcher, FetchError
 
@@ -70,31 +70,11 @@ class TrustError(Exception):
         self.retryable = retryable
 
 
-def _fsync_dir(directory: str | Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class _DurableUpdater(Updater):
     """ngclient's Updater, crash-safe: 7.0.1 neither fsyncs nor replaces root.json atomically."""
 
     def _persist_file(self, filename: str, data: bytes) -> None:
-        directory = os.path.dirname(filename)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as out:
-                out.write(data)
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, filename)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
-        _fsync_dir(directory)
+        write_atomically(Path(filename), data, 0o640)
 
     def _update_root_symlink(self) -> None:
         link = os.path.join(self._dir, "root.json")
@@ -104,7 +84,7 @@ class _DurableUpdater(Updater):
             os.unlink(tmp)
         os.symlink(current, tmp)
         os.replace(tmp, link)
-        _fsync_dir(self._dir)
+        fsync_directory(self._dir)
 
     def trusted_targets(self) -> Targets:
         """The top-level targets metadata the last refresh verified."""
@@ -311,7 +291,7 @@ class UpdateRepository:
             ) from exc
         dest.parent.mkdir(parents=True, exist_ok=True)
         os.replace(partial, dest)
-        _fsync_dir(dest.parent)
+        fsync_directory(dest.parent)
         if dest.parent != partial_dir:
-            _fsync_dir(partial_dir)
+            fsync_directory(partial_dir)
         return dest
