@@ -8,21 +8,24 @@ The bundles and the broker with an operator are fixtures in tests/conftest.py
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import subprocess
 import sys
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 from agent.mqtt import Session
 from agent.ota.bundle import unpack
 from agent.ota.release import Releases
 from drivers.pms5003.emulator import Pms5003Emulator
-from hil_tests.observe import Observer
+from hil_tests.observe import Observer, wait_until
 from provisioning.broker import LabBroker
 from provisioning.labconfig import LAB_TUNING, write_gateway_config
 from provisioning.pki import LabFiles
-from tests.ota_supervisor import Supervisor
+from tests.ota_supervisor import Start, Supervisor
 
 ROOT = Path(__file__).resolve().parent.parent
 OLD, NEW = "1.0.0", "1.0.1"
@@ -128,3 +131,54 @@ async def drain(observer: Observer, sensor: Pms5003Emulator, supervisor: Supervi
     await supervisor.stop()
     await asyncio.sleep(0.5)
     await observer.stop()
+
+
+@dataclass
+class Running:
+    """A gateway at work: the verifying observer, its sensor, its supervisor."""
+
+    observer: Observer
+    sensor: Pms5003Emulator
+    supervisor: Supervisor
+
+    async def until(self, predicate: Callable[[], bool], what: str, timeout_s: float = 60) -> None:
+        await wait_until(predicate, timeout_s=timeout_s, what=what)
+
+    async def more_telemetry(self, readings: int, what: str) -> None:
+        before = self.observer.readings_total()
+        await self.until(lambda: self.observer.readings_total() >= before + readings, what, 30)
+
+
+@contextlib.asynccontextmanager
+async def publishing(
+    tmp: Path,
+    lab: LabFiles,
+    broker: LabBroker,
+    gateway: tuple[Path, Path],
+    *,
+    seed: int,
+    trial_deadline_s: float = 120.0,
+    first_env: Mapping[str, str] | None = None,
+    on_exit: Callable[[Start], None] | None = None,
+) -> AsyncIterator[Running]:
+    """The gateway (release root, repository) running its current release under the
+    supervisor and publishing (30 readings seen); drained and stopped on the way out."""
+    observer = Observer(lab, broker, ["gw-a"])
+    await observer.start()
+    with Pms5003Emulator(period_s=0.1, seed=seed, wait_for_host=True) as sensor:
+        config = gateway_config(tmp, lab, broker, sensor.port, gateway, trial_deadline_s)
+        supervisor = Supervisor(
+            gateway[0],
+            config,
+            tmp / "agent.log",
+            summary=tmp / "state" / "last-run.json",
+            first_env=dict(first_env or {}),
+            on_exit=on_exit,
+        )
+        supervisor.start()
+        try:
+            running = Running(observer, sensor, supervisor)
+            await running.until(lambda: observer.readings_total() >= 30, "telemetry of 1.0.0")
+            yield running
+        finally:
+            await drain(observer, sensor, supervisor)

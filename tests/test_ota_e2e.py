@@ -29,20 +29,18 @@ from typing import Any
 import pytest
 
 from agent.ota.release import Releases
-from drivers.pms5003.emulator import Pms5003Emulator
-from hil_tests.observe import Observer, wait_until
+from hil_tests.observe import Observer
 from provisioning.broker import LabBroker
 from provisioning.pki import LabFiles
 from tests.ota_gateway import (
     NEW,
     OLD,
     accepted,
-    drain,
     events,
     gateway,
-    gateway_config,
     offer,
     online_versions,
+    publishing,
     run_python,
     telemetry_gaps,
 )
@@ -58,34 +56,14 @@ def test_update_while_publishing(
     lab, broker = ota_lab, ota_broker
 
     async def scenario() -> dict[str, Any]:
-        observer = Observer(lab, broker, ["gw-a"])
-        await observer.start()
-        with Pms5003Emulator(period_s=0.1, seed=11, wait_for_host=True) as sensor:
-            config = gateway_config(tmp_path, lab, broker, sensor.port, (root, repo), 120.0)
-            supervisor = Supervisor(
-                root, config, tmp_path / "agent.log", summary=tmp_path / "state" / "last-run.json"
+        async with publishing(tmp_path, lab, broker, (root, repo), seed=11) as gw:
+            await offer(lab, broker, NEW)
+            await gw.until(
+                lambda: ("ota_committed", NEW) in events(gw.observer), "1.0.1 committed", 240
             )
-            supervisor.start()
-            try:
-                await wait_until(
-                    lambda: observer.readings_total() >= 30, timeout_s=60, what="telemetry of 1.0.0"
-                )
-                await offer(lab, broker, NEW)
-                await wait_until(
-                    lambda: ("ota_committed", NEW) in events(observer),
-                    timeout_s=240,
-                    what="1.0.1 committed",
-                )
-                switched = supervisor.starts[-1].started_mono
-                before = observer.readings_total()
-                await wait_until(
-                    lambda: observer.readings_total() >= before + 30,
-                    timeout_s=30,
-                    what="telemetry of 1.0.1",
-                )
-            finally:
-                await drain(observer, sensor, supervisor)
-        return {"supervisor": supervisor, "observer": observer, "switched": switched}
+            switched = gw.supervisor.starts[-1].started_mono
+            await gw.more_telemetry(30, "telemetry of 1.0.1")
+        return {"supervisor": gw.supervisor, "observer": gw.observer, "switched": switched}
 
     found = asyncio.run(scenario())
     supervisor: Supervisor = found["supervisor"]
@@ -129,39 +107,22 @@ def test_release_that_cannot_connect_is_rolled_back(
     lab, broker = ota_lab, ota_broker
 
     async def scenario() -> tuple[Supervisor, Observer]:
-        observer = Observer(lab, broker, ["gw-a"])
-        await observer.start()
-        with Pms5003Emulator(period_s=0.1, seed=12, wait_for_host=True) as sensor:
-            config = gateway_config(tmp_path, lab, broker, sensor.port, (root, repo), 8.0)
-            supervisor = Supervisor(
-                root, config, tmp_path / "agent.log", summary=tmp_path / "state" / "last-run.json"
+        async with publishing(
+            tmp_path, lab, broker, (root, repo), seed=12, trial_deadline_s=8.0
+        ) as gw:
+            await offer(lab, broker, NEW)
+            await gw.until(lambda: Releases(root).current() == NEW, "the switch", 240)
+            broker.stop()  # 1.0.1 cannot reach the broker during its trial
+            await gw.until(
+                lambda: len(gw.supervisor.starts) >= 3, "the rollback and the restart of 1.0.0"
             )
-            supervisor.start()
-            try:
-                await wait_until(
-                    lambda: observer.readings_total() >= 30, timeout_s=60, what="telemetry of 1.0.0"
-                )
-                await offer(lab, broker, NEW)
-                await wait_until(
-                    lambda: Releases(root).current() == NEW, timeout_s=240, what="the switch"
-                )
-                broker.stop()  # 1.0.1 cannot reach the broker during its trial
-                await wait_until(
-                    lambda: len(supervisor.starts) >= 3,
-                    timeout_s=60,
-                    what="the rollback and the restart of 1.0.0",
-                )
-                broker.start()
-                await wait_until(
-                    lambda: ("ota_rolled_back", NEW) in events(observer),
-                    timeout_s=60,
-                    what="the rollback reported",
-                )
-                await offer(lab, broker, NEW)  # a refused version is not tried again
-                await asyncio.sleep(3)
-            finally:
-                await drain(observer, sensor, supervisor)
-        return supervisor, observer
+            broker.start()
+            await gw.until(
+                lambda: ("ota_rolled_back", NEW) in events(gw.observer), "the rollback reported"
+            )
+            await offer(lab, broker, NEW)  # a refused version is not tried again
+            await asyncio.sleep(3)
+        return gw.supervisor, gw.observer
 
     supervisor, observer = asyncio.run(scenario())
     log = (tmp_path / "agent.log").read_text(errors="replace")

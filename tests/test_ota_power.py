@@ -25,12 +25,11 @@ import pytest
 
 from agent.ota.flow import KILL_ENV
 from agent.ota.release import Releases
-from drivers.pms5003.emulator import Pms5003Emulator
-from hil_tests.observe import Observer, wait_until
+from hil_tests.observe import Observer
 from provisioning.broker import LabBroker
 from provisioning.pki import LabFiles
 from tests.agentrig import SpoolSnapshot, read_spool
-from tests.ota_gateway import NEW, OLD, drain, events, gateway, gateway_config, offer
+from tests.ota_gateway import NEW, OLD, events, gateway, offer, publishing
 from tests.ota_supervisor import Start, Supervisor
 
 pytestmark = pytest.mark.integration
@@ -69,37 +68,17 @@ def test_a_power_cut_at_a_step_of_the_update_loses_nothing_and_the_update_comple
             cut.append(read_spool(spool))  # what the killed run had committed
 
     async def scenario() -> tuple[Supervisor, Observer]:
-        observer = Observer(lab, broker, ["gw-a"])
-        await observer.start()
-        with Pms5003Emulator(period_s=0.1, seed=21, wait_for_host=True) as sensor:
-            config = gateway_config(tmp_path, lab, broker, sensor.port, (root, repo), 120.0)
-            supervisor = Supervisor(
-                root,
-                config,
-                tmp_path / "agent.log",
-                first_env={KILL_ENV: point},
-                on_exit=after,
+        async with publishing(
+            tmp_path, lab, broker, (root, repo), seed=21, first_env={KILL_ENV: point}, on_exit=after
+        ) as gw:
+            await offer(lab, broker, NEW)
+            await gw.until(
+                lambda: ("ota_committed", NEW) in events(gw.observer),
+                f"1.0.1 committed after a power cut at {point}",
+                240,
             )
-            supervisor.start()
-            try:
-                await wait_until(
-                    lambda: observer.readings_total() >= 30, timeout_s=60, what="telemetry of 1.0.0"
-                )
-                await offer(lab, broker, NEW)
-                await wait_until(
-                    lambda: ("ota_committed", NEW) in events(observer),
-                    timeout_s=240,
-                    what=f"1.0.1 committed after a power cut at {point}",
-                )
-                before = observer.readings_total()
-                await wait_until(
-                    lambda: observer.readings_total() >= before + 20,
-                    timeout_s=30,
-                    what="telemetry of 1.0.1",
-                )
-            finally:
-                await drain(observer, sensor, supervisor)
-        return supervisor, observer
+            await gw.more_telemetry(20, "telemetry of 1.0.1")
+        return gw.supervisor, gw.observer
 
     supervisor, observer = asyncio.run(scenario())
     log = (tmp_path / "agent.log").read_text(errors="replace")
