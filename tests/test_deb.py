@@ -378,6 +378,19 @@ systemd-analyze verify --root="$R" citygate.service > "$out/analyze" 2>&1
     assert _read(out, "analyze") == ""
 
 
+async def _stop_container(container: asyncio.subprocess.Process) -> None:
+    """Stop the nspawn container if it still runs: SIGTERM, then SIGKILL after 30 s."""
+    if container.returncode is not None:
+        return
+    container.terminate()
+    try:
+        async with asyncio.timeout(30):
+            await container.wait()
+    except TimeoutError:
+        container.kill()
+        await container.wait()
+
+
 def _read(out: Path, name: str) -> str:
     path = out / name
     return path.read_text() if path.exists() else f"<{name} missing>"
@@ -700,14 +713,7 @@ exec systemd-nspawn --quiet --register=no --keep-unit --directory="$R" \
                     await _drive(out, verified, broker)
                     return await container.wait()
             finally:
-                if container.returncode is None:
-                    container.terminate()
-                    try:
-                        async with asyncio.timeout(30):
-                            await container.wait()
-                    except TimeoutError:
-                        container.kill()
-                        await container.wait()
+                await _stop_container(container)
                 stop.set()
                 await watcher
 
@@ -952,14 +958,7 @@ exec systemd-nspawn --quiet --register=no --keep-unit --directory="$R" \
             async with asyncio.timeout(300):
                 return await container.wait()
         finally:
-            if container.returncode is None:
-                container.terminate()
-                try:
-                    async with asyncio.timeout(30):
-                        await container.wait()
-                except TimeoutError:
-                    container.kill()
-                    await container.wait()
+            await _stop_container(container)
             stop.set()
             await watcher
 

@@ -32,6 +32,8 @@ class Recorder:
         self.rows: list[dict[str, Any]] = []
         self.reported: set[int] = set()
         self.resume_switches_to: str | None = None
+        self.fixed_stamp: object = None
+        self.reads = 0
 
     def _note(self, name: str, *args: Any) -> None:
         self.calls.append((name, args))
@@ -57,7 +59,11 @@ class Recorder:
         self._note("trial_fail", own_version, reason)
         self.state = "idle"
 
+    def stamp(self) -> object:
+        return self.fixed_stamp  # None: the task reads the state at every look
+
     def unreported(self) -> list[dict[str, Any]]:
+        self.reads += 1
         return [row for row in self.rows if row["id"] not in self.reported]
 
     def mark_reported(self, ids: list[int]) -> None:
@@ -303,3 +309,14 @@ def test_a_flow_resumed_into_a_switch_to_this_release_starts_its_trial() -> None
     task = asyncio.run(scenario())
     assert manager.names()[:3] == ["resume", "trial_begin", "trial_commit"]
     assert not task.restart.is_set()
+
+
+def test_the_state_is_read_only_when_its_stamp_changes() -> None:
+    manager, events = Recorder(), Events()
+    manager.fixed_stamp = (1, 1)
+
+    async def scenario() -> None:
+        await _run_for(_task(manager, events, asyncio.Event()), 0.3)  # about 15 polls
+
+    asyncio.run(scenario())
+    assert manager.reads == 1

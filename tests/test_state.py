@@ -38,7 +38,7 @@ def test_state_survives_restart_and_stays_valid_json(tmp_path: Path) -> None:
     path = tmp_path / "state.json"
     Inventory(open_state(path)).heard("AA:BB:CC:DD:EE:02", "bthome", None)
     assert [d["address"] for d in Inventory(open_state(path)).devices()] == ["AA:BB:CC:DD:EE:02"]
-    assert not (tmp_path / "state.json.tmp").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]  # no temporary file left
 
 
 def test_corrupt_state_file_is_set_aside_not_fatal(tmp_path: Path) -> None:

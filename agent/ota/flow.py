@@ -160,6 +160,10 @@ class OtaManager:
         """Every history row, oldest first, each with its `id`."""
         return self.store.history()
 
+    def stamp(self) -> tuple[int, int] | None:
+        """Changes whenever the state file is written (by any process); see StateStore."""
+        return self.store.stamp()
+
     def unreported(self) -> list[dict[str, Any]]:
         """History rows not yet published on the events topic."""
         return [row for row in self.history() if not row["reported"]]

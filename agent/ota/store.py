@@ -206,6 +206,15 @@ class StateStore:
             if tx.dirty:
                 storage.write(tx.data)
 
+    def stamp(self) -> tuple[int, int] | None:
+        """The state file's identity and change time (a stat, not a read): it differs after
+        every write (each write renames a new file into place); None while there is none."""
+        try:
+            info = (self.dir / "state.json").stat()
+        except FileNotFoundError:
+            return None
+        return info.st_ino, info.st_mtime_ns
+
     def run_lock(self, wait_s: float) -> contextlib.AbstractContextManager[None]:
         """The lock held for a whole flow run; OtaError after `wait_s` of waiting."""
         return _flock(self.dir / "flow.lock", wait_s)

@@ -44,6 +44,7 @@ class Manager(Protocol):
     def trial_begin(self, own_version: str) -> float | None: ...
     def trial_commit(self, own_version: str) -> None: ...
     def trial_fail(self, own_version: str, reason: str) -> None: ...
+    def stamp(self) -> object: ...
     def unreported(self) -> list[dict[str, Any]]: ...
     def mark_reported(self, ids: list[int]) -> None: ...
     def status(self) -> dict[str, Any]: ...
@@ -74,6 +75,7 @@ class OtaTask:
         self._clock = clock
         self._offered = asyncio.Event()
         self._queued: set[int] = set()  # history rows handed to health, not yet acknowledged
+        self._seen: object = None  # the state file's stamp when it was last read in full
         self.restart = asyncio.Event()  # the service must exit with EXIT_RESTART
         self.state = "idle"  # for health reports
 
@@ -98,8 +100,7 @@ class OtaTask:
                 return
         next_check = self._clock() + self._interval_s if self._interval_s else None
         while not self.restart.is_set():
-            self._report()
-            if self._switched_elsewhere():
+            if self._look():
                 return
             due = next_check is not None and self._clock() >= next_check
             if self._offered.is_set() or due:
@@ -127,13 +128,13 @@ class OtaTask:
         )
         self._acked.clear()
         while not self._acked.is_set():
-            self._report()
+            self._look()
             left = ends - time.monotonic()
             if left <= 0:
                 reason = "no signed health report acknowledged before the trial deadline"
                 log.error("release %s failed its trial: %s; switching back", self._own, reason)
                 await asyncio.to_thread(self._manager.trial_fail, self._own, reason)
-                self._report()
+                self._look()
                 self.restart.set()
                 return True
             with contextlib.suppress(TimeoutError):
@@ -142,7 +143,7 @@ class OtaTask:
         await asyncio.to_thread(self._manager.trial_commit, self._own)
         log.info("release %s passed its trial and is committed", self._own)
         self.state = "idle"
-        self._report()
+        self._look()
         return False
 
     async def _call(self, step: Callable[..., Any], *args: Any) -> None:
@@ -154,8 +155,18 @@ class OtaTask:
             log.exception("update flow failed")
         finally:
             self.state = "idle"
-        self._report()
-        self._switched_elsewhere()
+        self._look()
+
+    def _look(self) -> bool:
+        """Report new history rows and notice a switch made by another process; the
+        state file is read only when it changed since the last look (a stat per poll).
+        True when the service must restart."""
+        stamp = self._manager.stamp()
+        if stamp is not None and stamp == self._seen:
+            return False
+        if self._report():
+            self._seen = stamp
+        return self._switched_elsewhere()
 
     def _switched_elsewhere(self) -> bool:
         """A flow switched to another release: restart into it."""
@@ -170,15 +181,15 @@ class OtaTask:
             return True
         return False
 
-    def _report(self) -> None:
+    def _report(self) -> bool:
         """Every history row not yet reported becomes a signed event; a row is marked
         reported only once the broker has acknowledged its event, so steps taken just
-        before a restart are reported by the next run."""
+        before a restart are reported by the next run. False if the history was unreadable."""
         try:
             rows = self._manager.unreported()
         except Exception:
             log.exception("cannot read the update history")
-            return
+            return False
         for row in rows:
             row_id = int(row["id"])
             if row_id in self._queued:
@@ -195,6 +206,7 @@ class OtaTask:
                 on_sent=functools.partial(self._sent, row_id),
                 **detail,
             )
+        return True
 
     def _sent(self, row_id: int) -> None:
         try:
